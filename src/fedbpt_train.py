@@ -27,18 +27,20 @@ def main() -> None:
     site = flare.get_site_name()
     client = FedBPTClient(cfg, site)
     writer = SummaryWriter()
-    meta = {"local_popsize": cfg.local_popsize, "n_examples": len(client.train), **client.prompt_info()}
+    prompt_info = client.prompt_info()  # sent once: the server needs it to write the prompt files
 
     while flare.is_running():
         received = flare.receive()
         if received is None:
             break
         round_ = received.current_round or 0
-        result, metrics = client.run_round(decode_down(received.params), round_)
+        result, metrics = client.run_round(decode_down(received.params, received.meta), round_)
         for key in TRACKED:
             if key in metrics:
                 writer.add_scalar(key, metrics[key], global_step=round_)
-        flare.send(flare.FLModel(params=encode_up(result), metrics=metrics, meta=meta))
+        params, meta = encode_up(result)
+        flare.send(flare.FLModel(params=params, metrics=metrics, meta={**meta, **prompt_info}))
+        prompt_info = {}
 
 
 if __name__ == "__main__":

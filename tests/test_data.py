@@ -55,9 +55,7 @@ def test_k_shot_pools_balanced_disjoint_deterministic():
 
 def test_k_shot_pools_too_large_k():
     labels = np.array([0] * 40 + [1] * 20)
-    with pytest.raises(
-        ValueError, match=r"--k_shot 16 needs 32 examples of class 1 .* only 20; lower --k_shot"
-    ):
+    with pytest.raises(ValueError, match=r"--k_shot 16 needs 32 examples of class 1 .* only 20; lower --k_shot"):
         k_shot_pools(labels, 16, 2, seed=0)
     # a class with no examples at all also fails
     with pytest.raises(ValueError, match="class 2"):
@@ -209,9 +207,7 @@ def test_load_csv_and_jsonl(tmp_path: Path):
         {"sentence1": "u", "sentence2": "v", "label": -1},
         {"sentence1": "p", "sentence2": "q", "label": 1},
     ]
-    (tmp_path / "validation.jsonl").write_text(
-        "\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8"
-    )
+    (tmp_path / "validation.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     dev = load_split(task, "dev", str(tmp_path))
     assert dev.texts == [("x", "y"), ("p", "q")]
     assert dev.labels.tolist() == [0, 1]

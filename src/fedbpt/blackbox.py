@@ -124,7 +124,13 @@ class BlackBox:
     """A frozen language model that scores soft prompts z on tokenised task examples."""
 
     def __init__(self, cfg: BlackBoxConfig):
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+        from transformers import (
+            AutoConfig,
+            AutoModel,
+            AutoModelForCausalLM,
+            AutoModelForMaskedLM,
+            AutoTokenizer,
+        )
 
         if cfg.cat_or_add not in ("add", "cat"):
             raise ValueError(f"--cat_or_add {cfg.cat_or_add!r}: choose add or cat")
@@ -420,4 +426,3 @@ def _truncate(fields: list[list[int]], room: int) -> list[list[int]]:
         if all(len(f) <= 1 for f in fields):
             break
     return fields
-

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .blackbox import BlackBox, BlackBoxConfig, Batch
+from .blackbox import Batch, BlackBox, BlackBoxConfig
 from .config import ClientConfig
 from .data import Split, k_shot_pools, load_split, site_index, site_shards
 from .search import GlobalPrompt, LocalResult, derive_seed, local_search

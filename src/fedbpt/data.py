@@ -85,9 +85,7 @@ def _dataset_name(task: Task) -> str:
 def _find_split_file(data_dir: Path, split: str) -> Path:
     expected = [stem + ext for stem in _FILE_STEMS[split] for ext in _EXTENSIONS]
     if not data_dir.is_dir():
-        raise FileNotFoundError(
-            f"--data_dir {data_dir} is not a directory; it should hold {' or '.join(expected)}"
-        )
+        raise FileNotFoundError(f"--data_dir {data_dir} is not a directory; it should hold {' or '.join(expected)}")
     found = [data_dir / name for name in expected if (data_dir / name).is_file()]
     if not found:
         raise FileNotFoundError(
@@ -113,8 +111,7 @@ def _load_file(task: Task, path: Path) -> Split:
     for field in task.text_fields:
         if field not in header:
             raise ValueError(
-                f"{path} has no column {field!r} needed by task {task.name}; "
-                f"columns found: {', '.join(header)}"
+                f"{path} has no column {field!r} needed by task {task.name}; columns found: {', '.join(header)}"
             )
     rows: list[tuple[str, ...]] = []
     labels: list[int] = []
@@ -122,9 +119,7 @@ def _load_file(task: Task, path: Path) -> Split:
         try:
             labels.append(int(rec[task.label_field]))
         except (TypeError, ValueError):
-            raise ValueError(
-                f"{path} line {line_no}: label {rec[task.label_field]!r} is not an integer"
-            ) from None
+            raise ValueError(f"{path} line {line_no}: label {rec[task.label_field]!r} is not an integer") from None
         # SST-2 carries a trailing space before the tab and some files end lines with \r.
         rows.append(tuple(str(rec[f]).rstrip() for f in task.text_fields))
     return _build_split(task, rows, labels, str(path))
@@ -143,9 +138,7 @@ def _read_delimited(path: Path) -> tuple[list[str], list[tuple[int, dict[str, st
             if not row:
                 continue
             if len(row) != len(header):
-                raise ValueError(
-                    f"{path} line {reader.line_num}: {len(row)} fields but the header has {len(header)}"
-                )
+                raise ValueError(f"{path} line {reader.line_num}: {len(row)} fields but the header has {len(header)}")
             # A stray opening quote would swallow following lines into one field; fail rather than miscount.
             if delimiter == "\t" and any("\t" in c or "\n" in c for c in row):
                 raise ValueError(
@@ -181,9 +174,7 @@ def _build_split(task: Task, rows: list[tuple[str, ...]], labels: list[int], sou
     return Split(texts=[r for r, k in zip(rows, keep, strict=True) if k], labels=y[keep])
 
 
-def k_shot_pools(
-    labels: np.ndarray, k_shot: int, num_labels: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def k_shot_pools(labels: np.ndarray, k_shot: int, num_labels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Disjoint (train, dev) pools of ``k_shot`` per class: after a ``seed`` shuffle, each class's first
     ``k_shot`` go to train and the next ``k_shot`` to dev (the BBT/FedBPT recipe)."""
     if k_shot < 1:
@@ -222,9 +213,7 @@ def split_iid(n: int, num_users: int, seed: int) -> list[np.ndarray]:
     return [np.sort(s).astype(np.int64) for s in np.array_split(perm, num_users)]
 
 
-def split_dirichlet(
-    labels: np.ndarray, num_users: int, alpha: float, seed: int, min_size: int = 1
-) -> list[np.ndarray]:
+def split_dirichlet(labels: np.ndarray, num_users: int, alpha: float, seed: int, min_size: int = 1) -> list[np.ndarray]:
     """Partition indices into ``num_users`` label-skewed shards: per class, site shares ~ Dir(alpha).
 
     Redraws (same rng stream, bounded tries) until every site has at least ``min_size`` examples.
@@ -235,9 +224,7 @@ def split_dirichlet(
     labels = np.asarray(labels)
     hint = "lower --num_users, raise --k_shot or raise --alpha_dir"
     if len(labels) < num_users * min_size:
-        raise ValueError(
-            f"{len(labels)} examples cannot give each of --num_users {num_users} sites {min_size}; {hint}"
-        )
+        raise ValueError(f"{len(labels)} examples cannot give each of --num_users {num_users} sites {min_size}; {hint}")
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     for _ in range(_DIRICHLET_TRIES):

@@ -22,6 +22,7 @@ from nvflare.app_common.abstract.model_persistor import ModelPersistor
 from nvflare.app_common.abstract.shareable_generator import ShareableGenerator
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
+from nvflare.app_common.decomposers import common_decomposers
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.fuel.utils import fobs
 
@@ -29,6 +30,17 @@ from .search import COVARIANCES, STEP_RULES, ServerState, decode_up, encode_down
 from .server import STATE_FILE, RunRecorder, SiteReport, aggregate_round
 
 PROMPT_INFO_KEYS = ("model_name", "task_name", "n_prompt_tokens", "hidden_size", "projection_scale", "cat_or_add")
+
+
+def wire_bytes(shareable: Shareable) -> int:
+    """Size of a message as NVFlare serialises it for the wire."""
+    common_decomposers.register()  # numpy arrays need their decomposer; registering twice is harmless
+    return len(fobs.dump_to_bytes(shareable))
+
+
+def _broadcast(state: ServerState) -> Shareable:
+    params, meta = encode_down(state)
+    return DXO(DataKind.WEIGHTS, data=params, meta=meta).to_shareable()
 
 
 def run_dir(fl_ctx: FLContext) -> str:
@@ -78,8 +90,7 @@ class FedBPTShareableGenerator(ShareableGenerator):
     """Sends the sites the public part of the state; takes the aggregator's next state as the new model."""
 
     def learnable_to_shareable(self, model: ModelLearnable, fl_ctx: FLContext) -> Shareable:
-        state = _state(model)
-        return DXO(DataKind.WEIGHTS, data=encode_down(state), meta={"seed": state.seed}).to_shareable()
+        return _broadcast(_state(model))
 
     def shareable_to_learnable(self, shareable: Shareable, fl_ctx: FLContext) -> ModelLearnable:
         return make_model_learnable(weights=from_shareable(shareable).data, meta_props={})
@@ -96,6 +107,7 @@ class FedBPTAggregator(Aggregator):
         self.reports: list[SiteReport] = []
         self.round_started = time.perf_counter()
         self.recorder: RunRecorder | None = None  # made on first use: the run dir is known only then
+        self.prompt_info: dict | None = None  # how to turn z into the soft prompt, from the sites
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if event_type == AppEventType.ROUND_STARTED:
@@ -114,13 +126,14 @@ class FedBPTAggregator(Aggregator):
         try:
             model = FLModelUtils.from_shareable(shareable)
             meta = model.meta or {}
-            result = decode_up(model.params or {}, popsize=int(meta.get("local_popsize", 0)))
+            result = decode_up(model.params or {}, meta)
         except (ValueError, TypeError, KeyError) as e:
             self.log_warning(fl_ctx, f"malformed result from {site}: {e}")
             return False
-        info = {k: meta[k] for k in PROMPT_INFO_KEYS if k in meta}
+        if all(k in meta for k in PROMPT_INFO_KEYS):  # sites send it with their first result only
+            self.prompt_info = {k: meta[k] for k in PROMPT_INFO_KEYS}
         metrics = {k: float(v) for k, v in (model.metrics or {}).items()}
-        self.reports.append(SiteReport(site, result, metrics, info, bytes_up=len(fobs.serialize(shareable))))
+        self.reports.append(SiteReport(site, result, metrics, bytes_up=wire_bytes(shareable)))
         return True
 
     def aggregate(self, fl_ctx: FLContext) -> Shareable:
@@ -128,15 +141,13 @@ class FedBPTAggregator(Aggregator):
         reports = sorted(self.reports, key=lambda r: r.site)
         self.reports = []
         new_state, row = aggregate_round(state, reports, self.step_rule, self.max_step)
-        down = DXO(DataKind.WEIGHTS, data=encode_down(state), meta={"seed": state.seed}).to_shareable()
         row.update(
             bytes_up=[r.bytes_up for r in reports],
-            bytes_down=len(fobs.serialize(down)),
+            bytes_down=wire_bytes(_broadcast(state)),
             seconds=round(time.perf_counter() - self.round_started, 3),
         )
-        info = next((r.prompt_info for r in reports if r.prompt_info), None)
         self.recorder = self.recorder or RunRecorder(run_dir(fl_ctx))
-        self.recorder.record(row, new_state, info)
+        self.recorder.record(row, new_state, self.prompt_info)
         self.log_info(
             fl_ctx,
             f"round {row['round']}: dev loss {row['dev_loss']:.4f} acc {row['dev_acc']:.4f}"

@@ -78,12 +78,10 @@ def load_state(path: str) -> ServerState:
 # Messages: plain float32 arrays, never a pickled optimiser.
 
 
-def encode_down(state: ServerState) -> dict[str, np.ndarray]:
-    return {
-        "mean": state.mean.astype(np.float32),
-        "sigma": np.array([state.sigma], dtype=np.float32),
-        "cov": state.cov.astype(np.float32),
-    }
+def encode_down(state: ServerState) -> tuple[dict[str, np.ndarray], dict]:
+    """The broadcast: (params, meta) = ({mean, cov} as float32, {sigma, seed})."""
+    params = {"mean": state.mean.astype(np.float32), "cov": state.cov.astype(np.float32)}
+    return params, {"sigma": float(state.sigma), "seed": int(state.seed)}
 
 
 @dataclass
@@ -95,13 +93,12 @@ class GlobalPrompt:
     cov: np.ndarray
 
 
-def decode_down(params: dict[str, np.ndarray]) -> GlobalPrompt:
-    missing = [k for k in DOWN_KEYS if k not in params]
+def decode_down(params: dict[str, np.ndarray], meta: dict) -> GlobalPrompt:
+    missing = [k for k in DOWN_KEYS if k not in params and k not in meta]
     if missing:
         raise ValueError(f"server message lacks {missing}; is the server running the FedBPT components?")
     mean = np.asarray(params["mean"], dtype=np.float64)
-    return GlobalPrompt(mean=mean, sigma=float(np.asarray(params["sigma"]).reshape(-1)[0]),
-                        cov=np.asarray(params["cov"], dtype=np.float64))  # fmt: skip
+    return GlobalPrompt(mean=mean, sigma=float(meta["sigma"]), cov=np.asarray(params["cov"], dtype=np.float64))
 
 
 @dataclass
@@ -115,30 +112,34 @@ class LocalResult:
     evaluations: int = 0
 
 
-def encode_up(result: LocalResult) -> dict[str, np.ndarray]:
-    return {
-        "mean": result.mean.astype(np.float32),
-        "fitness": np.array([result.fitness], dtype=np.float32),
-        "sigmas": np.asarray(result.sigmas, dtype=np.float32),
-    }
+def encode_up(result: LocalResult) -> tuple[dict[str, np.ndarray], dict]:
+    """A site's answer: (params, meta) = ({mean} as float32, {fitness, sigmas, local_popsize}).
+
+    Scalars travel as numbers: every numpy array costs about 280 bytes of framing on the wire."""
+    meta = {"fitness": float(result.fitness), "sigmas": [float(s) for s in result.sigmas],
+            "local_popsize": int(result.popsize)}  # fmt: skip
+    return {"mean": result.mean.astype(np.float32)}, meta
 
 
-def decode_up(params: dict[str, np.ndarray], popsize: int) -> LocalResult:
-    missing = [k for k in UP_KEYS if k not in params]
+def decode_up(params: dict[str, np.ndarray], meta: dict) -> LocalResult:
+    missing = [k for k in UP_KEYS if k not in params and k not in meta]
     if missing:
         raise ValueError(f"site result lacks {missing}")
     return LocalResult(
         mean=np.asarray(params["mean"], dtype=np.float64),
-        fitness=float(np.asarray(params["fitness"]).reshape(-1)[0]),
-        sigmas=np.asarray(params["sigmas"], dtype=np.float64).reshape(-1),
-        popsize=int(popsize),
+        fitness=float(meta["fitness"]),
+        sigmas=np.asarray(meta["sigmas"], dtype=np.float64).reshape(-1),
+        popsize=int(meta.get("local_popsize", 0)),
     )
 
 
 def check_result(result: LocalResult, state: ServerState, max_step: float = 1e3) -> str | None:
     """Why a site's result cannot be used (wrong shape, not finite, implausibly far), or None."""
     if result.mean.shape != state.mean.shape:
-        return f"mean has shape {result.mean.shape}, expected {state.mean.shape}"
+        return (
+            f"mean has shape {result.mean.shape}, expected {state.mean.shape}: --intrinsic_dim in app_config "
+            "must equal intrinsic_dim in config_fed_server.conf"
+        )
     if not (np.all(np.isfinite(result.mean)) and math.isfinite(result.fitness)):
         return "mean or fitness is not finite"
     if result.sigmas.size == 0 or not np.all(np.isfinite(result.sigmas)) or np.any(result.sigmas <= 0):

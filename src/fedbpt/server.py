@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -32,7 +31,6 @@ class SiteReport:
     site: str
     result: LocalResult
     metrics: dict[str, float]
-    prompt_info: dict = field(default_factory=dict)
     bytes_up: int = 0
 
 
@@ -141,5 +139,3 @@ class RunRecorder:
         if self._projection is None or self._projection[0] != key:
             self._projection = (key, projection(*key))
         return self._projection[1]
-
-

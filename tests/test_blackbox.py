@@ -1,0 +1,199 @@
+"""The black box: prompt injection through the embedding hook, batched scoring, losses, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedbpt.blackbox import BlackBox, BlackBoxConfig, check_device, resolve_model_path
+from fedbpt.data import Split, load_split
+from fedbpt.tasks import get_task
+
+SST2 = get_task("sst2")
+
+
+def make(model_dir, **kw) -> BlackBox:
+    kw = {"n_prompt_tokens": 5, "intrinsic_dim": 16, "seed": 3, **kw}
+    return BlackBox(BlackBoxConfig(model_name=str(model_dir), task=kw.pop("task", SST2), **kw))
+
+
+@pytest.fixture(scope="module")
+def examples(sst2_dir) -> Split:
+    return load_split(SST2, "dev", str(sst2_dir)).subset(np.arange(12))
+
+
+@pytest.fixture(scope="module")
+def roberta(tiny_roberta) -> BlackBox:
+    return make(tiny_roberta)
+
+
+def unhooked_answer_logits(bb: BlackBox, batch) -> torch.Tensor:
+    """Verbalizer logits at the mask from a plain, hook-free full forward of the Hugging Face model."""
+    with torch.inference_mode():
+        logits = bb.model(input_ids=batch.ids, attention_mask=batch.attention.long()).logits
+    return logits[torch.arange(len(batch)), batch.answer][:, bb.label_ids]
+
+
+def one_by_one(bb: BlackBox, z: np.ndarray, batch) -> torch.Tensor:
+    rows = []
+    for p in range(len(z)):
+        for i in range(len(batch)):
+            t = int(batch.attention[i].sum())
+            single = type(batch)(
+                batch.ids[i : i + 1, :t], batch.attention[i : i + 1, :t], batch.prompt[i : i + 1, :t],
+                batch.text[i : i + 1, :t], batch.answer[i : i + 1], batch.labels[i : i + 1],
+            )  # fmt: skip
+            rows.append(bb.class_scores(z[p : p + 1], single)[0, 0])
+    return torch.stack(rows).view(len(z), len(batch), -1)
+
+
+def test_encoding_places_prompt_text_and_mask(roberta, examples):
+    batch = roberta.encode(examples)
+    assert batch.prompt.sum(1).tolist() == [5] * 12
+    # placeholders follow <s> directly, the mask is where the answer is read
+    assert batch.prompt[:, 1:6].all() and not batch.prompt[:, 0].any()
+    assert (batch.ids[torch.arange(12), batch.answer] == roberta.tokenizer.mask_token_id).all()
+    assert not (batch.text & batch.prompt).any()
+    first = roberta.tokenizer.decode(batch.ids[0][batch.text[0]])
+    assert first.strip() in [t[0] for t in examples.texts]
+    # rows are sorted longest first, labels follow their rows
+    lengths = batch.attention.sum(1)
+    assert (lengths[:-1] >= lengths[1:]).all()
+    assert sorted(batch.labels.tolist()) == sorted(examples.labels.tolist())
+
+
+def test_zero_prompt_in_add_mode_leaves_logits_exactly_unchanged(roberta, examples):
+    batch = roberta.encode(examples)
+    expected = unhooked_answer_logits(roberta, batch)
+    got = roberta.class_scores(np.zeros((1, 16)), batch)[0]
+    assert torch.equal(got, expected.float())
+
+
+def test_nonzero_prompt_changes_answer_logits(roberta, examples):
+    batch = roberta.encode(examples)
+    base = roberta.class_scores(np.zeros((1, 16)), batch)[0]
+    z = np.random.default_rng(0).normal(size=(1, 16))
+    small = (roberta.class_scores(z, batch)[0] - base).abs().max()
+    large = (roberta.class_scores(10 * z, batch)[0] - base).abs().max()
+    # a random tiny model barely reads its input, yet the shift is far above float noise and grows with z
+    assert small > 1e-5 and large > 2 * small
+
+
+@pytest.mark.parametrize("mode", ["add", "cat"])
+def test_hook_adds_or_replaces_placeholder_embeddings(tiny_roberta, examples, mode):
+    bb = make(tiny_roberta, cat_or_add=mode)
+    batch = bb.encode(examples.subset([0, 1]))
+    seen = []
+    embedding = bb.model.get_input_embeddings()
+    handle = embedding.register_forward_hook(lambda m, i, out: seen.append(out.clone()))  # runs after ours
+    try:
+        z = np.random.default_rng(4).normal(size=(1, 16))
+        bb.class_scores(z, batch)
+    finally:
+        handle.remove()
+    out = seen[0]
+    prompt = bb.prompts(z)[0]  # (L, H)
+    words = embedding.weight[batch.ids]
+    for row in range(2):
+        at = batch.prompt[row]
+        expected = prompt + words[row, at] if mode == "add" else prompt
+        assert torch.allclose(out[row, at], expected, atol=1e-6)
+        assert torch.equal(out[row, ~at], words[row, ~at])  # nothing else is touched
+
+
+def test_batched_scores_equal_one_by_one(tiny_roberta, examples):
+    bb = make(tiny_roberta, token_budget=300)  # forces several chunks of mixed candidates
+    batch = bb.encode(examples)
+    z = np.random.default_rng(1).normal(size=(3, 16))
+    batched = bb.class_scores(z, batch)
+    assert batched.shape == (3, 12, 2)
+    assert torch.allclose(batched, one_by_one(bb, z, batch), atol=1e-5, rtol=0)
+
+
+def test_losses_and_metric(roberta, examples):
+    batch = roberta.encode(examples)
+    labels = batch.labels
+    n = len(labels)
+    perfect = torch.zeros(1, n, 2)
+    perfect[0, torch.arange(n), labels] = 5.0
+    wrong = perfect.flip(-1)
+    ce = roberta.losses(torch.cat([perfect, wrong]), labels, "ce")
+    assert ce[0] == pytest.approx(np.log1p(np.exp(-5.0)), rel=1e-5)
+    assert ce[1] == pytest.approx(5 + np.log1p(np.exp(-5.0)), rel=1e-5)
+    hinge = roberta.losses(torch.cat([perfect, wrong]), labels, "hinge")
+    # MultiMarginLoss(margin 2) over 2 classes: max(0, 2 - (s_y - s_other)) / 2
+    assert hinge[0] == pytest.approx(0.0) and hinge[1] == pytest.approx((2 + 5) / 2)
+    assert roberta.metric(torch.cat([perfect, wrong]), labels).tolist() == [1.0, 0.0]
+    assert roberta.losses(torch.cat([perfect, wrong]), labels, "perf").tolist() == [-1.0, -0.0]
+
+
+def test_fitness_with_perturbation_is_a_ratio_of_losses(roberta, examples):
+    batch = roberta.encode(examples)
+    noisy = roberta.perturb(batch, 0.5, np.random.default_rng(0))
+    changed = noisy.ids != batch.ids
+    assert changed.any() and not (changed & ~batch.text).any()  # only text tokens move
+    assert 0.3 < changed.sum() / batch.text.sum() < 0.7
+    z = np.random.default_rng(2).normal(size=(2, 16))
+    clean = roberta.losses(roberta.class_scores(z, batch), batch.labels)
+    pert = roberta.losses(roberta.class_scores(z, noisy), noisy.labels)
+    np.testing.assert_allclose(roberta.fitness(z, batch, noisy), clean / pert, rtol=1e-5)
+
+
+def test_perturb_scope_all_hits_every_attended_token(roberta, examples):
+    batch = roberta.encode(examples)
+    noisy = roberta.perturb(batch, 1.0, np.random.default_rng(0), scope="all")
+    same = (noisy.ids == batch.ids) & batch.attention
+    assert same.sum() < 0.01 * batch.attention.sum()  # a random id equals the old one only by chance
+
+
+def test_causal_lm_reads_the_last_position(tiny_causal, examples):
+    bb = make(tiny_causal)
+    assert bb.kind == "causal"
+    batch = bb.encode(examples)
+    lengths = batch.attention.sum(1)
+    assert torch.equal(batch.answer, lengths - 1)
+    tokens = bb.tokenizer.convert_ids_to_tokens(batch.ids[0, : int(lengths[0])].tolist())
+    assert tokens[-2:] == ["ĠIt", "Ġwas"]
+    assert bb.label_ids == [bb.tokenizer.convert_tokens_to_ids(t) for t in ("Ġbad", "Ġgreat")]
+    z = np.random.default_rng(3).normal(size=(2, 16))
+    assert torch.allclose(bb.class_scores(z, batch), one_by_one(bb, z, batch), atol=1e-5, rtol=0)
+    with torch.inference_mode():
+        full = bb.model(input_ids=batch.ids, attention_mask=batch.attention.long()).logits
+    expected = full[torch.arange(len(batch)), batch.answer][:, bb.label_ids]
+    assert torch.allclose(bb.class_scores(np.zeros((1, 16)), batch)[0], expected, atol=1e-5)
+
+
+def test_masked_lm_verbalizer_forms(tiny_roberta, roberta):
+    tok = roberta.tokenizer
+    assert roberta.label_ids == [tok.convert_tokens_to_ids(w) for w in ("bad", "great")]
+    spaced = make(tiny_roberta, verbalizer_space=True)
+    assert spaced.label_ids == [tok.convert_tokens_to_ids(w) for w in ("Ġbad", "Ġgreat")]
+
+
+def test_sentence_encoder_on_real_minilm(minilm_dir, sst2_dir):
+    dev = load_split(SST2, "dev", str(sst2_dir)).subset(np.arange(64))
+    bb = make(minilm_dir, n_prompt_tokens=4)
+    assert bb.kind == "encoder" and bb.hidden == 384
+    batch = bb.encode(dev)
+    loss, acc = bb.evaluate(np.zeros(16), batch)
+    # real sentiment signal from label sentences alone (71% on the whole dev set, measured by the project)
+    assert acc > 0.6 and 0.0 < loss < 0.7
+    z = np.random.default_rng(0).normal(size=(2, 16)) * 5
+    assert torch.allclose(bb.class_scores(z, batch), one_by_one(bb, z, batch), atol=1e-4, rtol=0)
+    # the placeholders are left out of the pooling: scores stay cosine similarities x 20
+    assert bb.class_scores(z, batch).abs().max() <= 20.0 + 1e-4
+
+
+def test_errors_name_the_flag_to_fix(tiny_roberta, tmp_path, examples):
+    with pytest.raises(FileNotFoundError, match="--model_name"):
+        resolve_model_path(str(tmp_path / "missing-model"))
+    assert resolve_model_path("roberta-large") == "roberta-large"  # hub ids pass through
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cpu"):
+            check_device("cuda:0")
+    long_prompt = make(tiny_roberta, n_prompt_tokens=125)  # the tiny model takes 128 tokens
+    with pytest.raises(ValueError, match="--n_prompt_tokens 125 leaves no room"):
+        long_prompt.encode(examples)
+    with pytest.raises(ValueError, match="--cat_or_add"):
+        make(tiny_roberta, cat_or_add="mul")
