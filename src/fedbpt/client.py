@@ -86,6 +86,7 @@ class FedBPTClient:
         return {
             "model_name": self.cfg.model_name,
             "task_name": self.cfg.task_name,
+            "seed": self.cfg.seed,
             "n_prompt_tokens": self.cfg.n_prompt_tokens,
             "hidden_size": self.blackbox.hidden,
             "projection_scale": self.blackbox.scale,

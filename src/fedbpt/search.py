@@ -15,8 +15,6 @@ import numpy as np
 
 STEP_RULES = ("eq6", "example")
 COVARIANCES = ("diag", "full")
-DOWN_KEYS = ("mean", "sigma", "cov")  # what the server broadcasts
-UP_KEYS = ("mean", "fitness", "sigmas")  # what a site returns
 
 
 @dataclass
@@ -60,13 +58,13 @@ def init_state(dim: int, sigma: float, seed: int, covariance: str = "diag") -> S
     if covariance not in COVARIANCES:
         raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
     cov = np.ones(dim) if covariance == "diag" else np.eye(dim)
-    zeros = np.zeros(dim)
-    return ServerState(mean=zeros, sigma=float(sigma), cov=cov, p_sigma=zeros, p_c=zeros, seed=int(seed),
-                       best_mean=zeros)  # fmt: skip
+    return ServerState(mean=np.zeros(dim), sigma=float(sigma), cov=cov, p_sigma=np.zeros(dim), p_c=np.zeros(dim),
+                       seed=int(seed), best_mean=np.zeros(dim))  # fmt: skip
 
 
 def save_state(path: str, state: ServerState) -> None:
-    np.savez(path, **state.to_arrays())
+    with open(path, "wb") as f:  # a file object: numpy would append ".npz" to a bare path
+        np.savez(f, **state.to_arrays())
 
 
 def load_state(path: str) -> ServerState:
@@ -94,7 +92,7 @@ class GlobalPrompt:
 
 
 def decode_down(params: dict[str, np.ndarray], meta: dict) -> GlobalPrompt:
-    missing = [k for k in DOWN_KEYS if k not in params and k not in meta]
+    missing = [k for k in ("mean", "cov") if k not in params] + [k for k in ("sigma",) if k not in meta]
     if missing:
         raise ValueError(f"server message lacks {missing}; is the server running the FedBPT components?")
     mean = np.asarray(params["mean"], dtype=np.float64)
@@ -122,7 +120,7 @@ def encode_up(result: LocalResult) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def decode_up(params: dict[str, np.ndarray], meta: dict) -> LocalResult:
-    missing = [k for k in UP_KEYS if k not in params and k not in meta]
+    missing = [k for k in ("mean",) if k not in params] + [k for k in ("fitness", "sigmas") if k not in meta]
     if missing:
         raise ValueError(f"site result lacks {missing}")
     return LocalResult(
@@ -177,6 +175,8 @@ def local_search(
     seed: int,
 ) -> LocalResult:
     """Run ``iterations`` generations of CMA-ES from the global distribution; lower fitness is better.
+
+    ``seed`` must be >= 1 (cma reads 0 as "seed from the clock"); ``derive_seed`` gives such seeds.
 
     ``objective`` scores a whole generation at once: (popsize, d) -> (popsize,). The search runs in
     whitened coordinates u (z = mean + C^1/2 u), so one code path serves diagonal and full C.

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .search import LocalResult, ServerState, check_result, projection, server_update
+from .search import LocalResult, ServerState, check_result, projection, save_state, server_update
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,8 @@ class RunRecorder:
         return os.path.join(self.run_dir, name)
 
     def save_state(self, state: ServerState) -> None:
-        tmp = self.path(STATE_FILE + ".tmp.npz")
-        np.savez(tmp, **state.to_arrays())
+        tmp = self.path(STATE_FILE + ".tmp")
+        save_state(tmp, state)
         os.replace(tmp, self.path(STATE_FILE))  # never a half-written checkpoint
 
     def record(self, row: dict, state: ServerState, prompt_info: dict | None = None) -> None:
@@ -125,7 +125,7 @@ class RunRecorder:
 
     def _write_prompt(self, name: str, z: np.ndarray, state: ServerState, info: dict | None, round_: int) -> None:
         arrays = {"z": z.astype(np.float32), "seed": np.int64(state.seed), "round": np.int64(round_)}
-        if info:
+        if info:  # the sites' description, their projection seed included, wins over the server's record
             arrays.update({k: np.asarray(v) for k, v in info.items()})
             length, hidden = int(info["n_prompt_tokens"]), int(info["hidden_size"])
             arrays["soft_prompt"] = (z.astype(np.float32) @ self._matrix(state, info)).reshape(length, hidden)
@@ -134,7 +134,7 @@ class RunRecorder:
         os.replace(tmp, self.path(name))
 
     def _matrix(self, state: ServerState, info: dict) -> np.ndarray:
-        key = (state.seed, state.dim, int(info["n_prompt_tokens"]) * int(info["hidden_size"]),
+        key = (int(info.get("seed", state.seed)), state.dim, int(info["n_prompt_tokens"]) * int(info["hidden_size"]),
                float(info["projection_scale"]))  # fmt: skip
         if self._projection is None or self._projection[0] != key:
             self._projection = (key, projection(*key))

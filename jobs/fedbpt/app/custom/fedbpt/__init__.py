@@ -1,0 +1,1 @@
+"""FedBPT engine: federated black-box prompt tuning, importable without NVFlare."""

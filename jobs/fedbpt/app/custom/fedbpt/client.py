@@ -1,0 +1,125 @@
+"""One site's side of a round, with no federation framework in it: the NVFlare client script and the
+standalone loop both drive this class with the server's message and send back what it returns."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .blackbox import Batch, BlackBox, BlackBoxConfig
+from .config import ClientConfig
+from .data import Split, k_shot_pools, load_split, site_index, site_shards
+from .search import GlobalPrompt, LocalResult, derive_seed, local_search
+from .tasks import get_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskData:
+    """The k-shot train and dev pools of all sites together, and the test split (if loaded)."""
+
+    train: Split
+    dev: Split
+    test: Split | None
+
+
+def load_task_data(cfg: ClientConfig, with_test: bool = True) -> TaskData:
+    """The public recipe: shuffle the training split, k examples per class for train and k for dev."""
+    task = get_task(cfg.task_name)
+    full = load_split(task, "train", cfg.data_dir)
+    train_idx, dev_idx = k_shot_pools(full.labels, cfg.k_shot, task.num_labels, cfg.seed)
+    test = None
+    if with_test:
+        test = load_split(task, "dev" if task.test_split == "validation" else "test", cfg.data_dir)
+    return TaskData(full.subset(train_idx), full.subset(dev_idx), test)
+
+
+def blackbox_config(cfg: ClientConfig) -> BlackBoxConfig:
+    return BlackBoxConfig(
+        model_name=cfg.model_name,
+        task=get_task(cfg.task_name),
+        n_prompt_tokens=cfg.n_prompt_tokens,
+        intrinsic_dim=cfg.intrinsic_dim,
+        seed=cfg.seed,
+        cat_or_add=cfg.cat_or_add,
+        model_type=cfg.model_type,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        sigma=cfg.sigma,
+        alpha=cfg.alpha,
+        loss_type=cfg.loss_type,
+        verbalizer_space=bool(cfg.verbalizer_space),
+        batch_size=cfg.batch_size,
+        token_budget=cfg.token_budget,
+        label_scale=cfg.label_scale,
+        gguf_file=cfg.gguf_file,
+    )
+
+
+class FedBPTClient:
+    """A site: its shards of the train and dev pools, the shared black box, its local search."""
+
+    def __init__(self, cfg: ClientConfig, site: str, blackbox: BlackBox | None = None, data: TaskData | None = None):
+        self.cfg = cfg
+        self.site = site
+        self.index = site_index(site, cfg.num_users)
+        self.evaluator = site in cfg.evaluators
+        self.blackbox = blackbox or BlackBox(blackbox_config(cfg))
+        data = data or load_task_data(cfg, with_test=self.evaluator)
+        num_labels = get_task(cfg.task_name).num_labels
+        # Train and dev pools are split the same way, with independent draws.
+        train_shard = site_shards(data.train.labels, cfg.num_users, bool(cfg.iid), cfg.alpha_dir, cfg.seed)
+        dev_shard = site_shards(data.dev.labels, cfg.num_users, bool(cfg.iid), cfg.alpha_dir, cfg.seed + 1)
+        self.train = self.blackbox.encode(data.train.subset(train_shard[self.index]))
+        self.dev = self.blackbox.encode(data.dev.subset(dev_shard[self.index]))
+        self.test = self.blackbox.encode(data.test) if self.evaluator and data.test is not None else None
+        counts = np.bincount(self.train.labels.numpy(), minlength=num_labels)
+        log.info("%s: %d train examples (per class %s), %d dev, %s test", site, len(self.train),
+                 counts.tolist(), len(self.dev), len(self.test) if self.test is not None else "no")  # fmt: skip
+
+    def prompt_info(self) -> dict:
+        """What the server needs to turn z into the soft prompt (L x H) without the model."""
+        return {
+            "model_name": self.cfg.model_name,
+            "task_name": self.cfg.task_name,
+            "seed": self.cfg.seed,
+            "n_prompt_tokens": self.cfg.n_prompt_tokens,
+            "hidden_size": self.blackbox.hidden,
+            "projection_scale": self.blackbox.scale,
+            "cat_or_add": self.cfg.cat_or_add,
+        }
+
+    def evaluate(self, z: np.ndarray) -> dict[str, float]:
+        """The received prompt's dev loss and metric on this site's dev shard (and test, if an evaluator)."""
+        metrics: dict[str, float] = {"n_dev": float(len(self.dev)), "n_train": float(len(self.train))}
+        metrics["dev_loss"], metrics["dev_acc"] = self.blackbox.evaluate(z, self.dev)
+        if self.test is not None:
+            metrics["test_loss"], metrics["test_acc"] = self.blackbox.evaluate(z, self.test)
+        return metrics
+
+    def run_round(self, start: GlobalPrompt, round_: int) -> tuple[LocalResult, dict[str, float]]:
+        """Evaluate the global prompt, then search locally from it; returns the result and metrics."""
+        t0 = time.perf_counter()
+        metrics = self.evaluate(start.mean)
+        shared = self.cfg.random_stream == "shared"
+        seed = derive_seed(self.cfg.seed, self.index, round_, shared=shared)
+        perturbed: Batch | None = None
+        if self.cfg.perturb:
+            rng = np.random.default_rng(seed)  # one perturbed copy per round
+            perturbed = self.blackbox.perturb(self.train, self.cfg.perturb_rate, rng, self.cfg.perturb_scope)
+
+        def objective(z: np.ndarray) -> np.ndarray:
+            return self.blackbox.fitness(z, self.train, perturbed)
+
+        result = local_search(objective, start, self.cfg.local_popsize, self.cfg.local_iter, seed)
+        metrics.update(local_fitness=result.fitness, local_sigma=float(result.sigmas[-1]),
+                       seconds=time.perf_counter() - t0)  # fmt: skip
+        log.info("%s round %d: dev loss %.4f acc %.4f%s | local fitness %.4f sigma %.3g | %.1f s", self.site,
+                 round_, metrics["dev_loss"], metrics["dev_acc"],
+                 f" test acc {metrics['test_acc']:.4f}" if "test_acc" in metrics else "",
+                 result.fitness, result.sigmas[-1], metrics["seconds"])  # fmt: skip
+        return result, metrics

@@ -1,0 +1,160 @@
+"""NVFlare glue for the server: a persistor, a shareable generator and an aggregator for ScatterAndGather.
+
+The global model that ScatterAndGather carries from round to round is the whole server search state
+(``search.ServerState`` as a dict of arrays). The persistor creates it and checkpoints it; the
+shareable generator sends the sites only its small public part (mean, sigma, covariance); the
+aggregator reads the state from the context, runs ``server.aggregate_round`` and returns the next one.
+No torch, no transformers: the server never sees the model.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.abstract.aggregator import Aggregator
+from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
+from nvflare.app_common.abstract.model_persistor import ModelPersistor
+from nvflare.app_common.abstract.shareable_generator import ShareableGenerator
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
+from nvflare.app_common.decomposers import common_decomposers
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from nvflare.fuel.utils import fobs
+
+from .search import COVARIANCES, STEP_RULES, ServerState, decode_up, encode_down, init_state, load_state
+from .server import STATE_FILE, RunRecorder, SiteReport, aggregate_round
+
+PROMPT_INFO_KEYS = ("model_name", "task_name", "seed", "n_prompt_tokens", "hidden_size", "projection_scale", "cat_or_add")
+
+
+def wire_bytes(shareable: Shareable) -> int:
+    """Size of a message as NVFlare serialises it for the wire."""
+    common_decomposers.register()  # numpy arrays need their decomposer; registering twice is harmless
+    return len(fobs.dump_to_bytes(shareable))
+
+
+def _broadcast(state: ServerState) -> Shareable:
+    params, meta = encode_down(state)
+    return DXO(DataKind.WEIGHTS, data=params, meta=meta).to_shareable()
+
+
+def run_dir(fl_ctx: FLContext) -> str:
+    """The server's run directory (what ``nvflare job download`` returns)."""
+    return fl_ctx.get_engine().get_workspace().get_result_root(fl_ctx.get_job_id())
+
+
+def _state(learnable: ModelLearnable) -> ServerState:
+    return ServerState.from_arrays(learnable[ModelLearnableKey.WEIGHTS])
+
+
+class FedBPTPersistor(ModelPersistor):
+    """Creates the initial search state (z = 0) and checkpoints the whole state every round.
+
+    A restarted job resumes from the checkpoint in its run directory; ``resume_from`` starts a new job
+    from another run's ``fedbpt_state.npz``.
+    """
+
+    def __init__(self, intrinsic_dim: int = 500, sigma: float = 1.0, seed: int = 42, covariance: str = "diag",
+                 resume_from: str = ""):  # fmt: skip
+        super().__init__()
+        if covariance not in COVARIANCES:
+            raise ValueError(f"persistor covariance must be one of {COVARIANCES}, got {covariance!r}")
+        self.intrinsic_dim, self.sigma, self.seed = int(intrinsic_dim), float(sigma), int(seed)
+        self.covariance, self.resume_from = covariance, resume_from
+
+    def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
+        checkpoint = os.path.join(run_dir(fl_ctx), STATE_FILE)
+        for path in (checkpoint, self.resume_from):
+            if path and os.path.exists(path):
+                state = load_state(path)
+                self.log_info(fl_ctx, f"resuming the FedBPT search from {path} (round {state.round})")
+                break
+        else:
+            if self.resume_from:
+                raise FileNotFoundError(f"persistor resume_from {self.resume_from!r}: no such checkpoint")
+            state = init_state(self.intrinsic_dim, self.sigma, self.seed, self.covariance)
+        if state.dim != self.intrinsic_dim:
+            raise ValueError(f"checkpoint has intrinsic_dim {state.dim}, the job asks for {self.intrinsic_dim}")
+        return make_model_learnable(weights=state.to_arrays(), meta_props={})
+
+    def save_model(self, model: ModelLearnable, fl_ctx: FLContext) -> None:
+        RunRecorder(run_dir(fl_ctx)).save_state(_state(model))
+
+
+class FedBPTShareableGenerator(ShareableGenerator):
+    """Sends the sites the public part of the state; takes the aggregator's next state as the new model."""
+
+    def learnable_to_shareable(self, model: ModelLearnable, fl_ctx: FLContext) -> Shareable:
+        return _broadcast(_state(model))
+
+    def shareable_to_learnable(self, shareable: Shareable, fl_ctx: FLContext) -> ModelLearnable:
+        return make_model_learnable(weights=from_shareable(shareable).data, meta_props={})
+
+
+class FedBPTAggregator(Aggregator):
+    """Collects the sites' local means and fitnesses and runs the global CMA-ES update on them."""
+
+    def __init__(self, step_rule: str = "eq6", max_step: float = 1e3):
+        super().__init__()
+        if step_rule not in STEP_RULES:
+            raise ValueError(f"aggregator step_rule must be one of {STEP_RULES}, got {step_rule!r}")
+        self.step_rule, self.max_step = step_rule, float(max_step)
+        self.reports: list[SiteReport] = []
+        self.round_started = time.perf_counter()
+        self.recorder: RunRecorder | None = None  # made on first use: the run dir is known only then
+        self.prompt_info: dict | None = None  # how to turn z into the soft prompt, from the sites
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == AppEventType.ROUND_STARTED:
+            self.round_started = time.perf_counter()
+
+    def accept(self, shareable: Shareable, fl_ctx: FLContext) -> bool:
+        site = shareable.get_peer_prop(ReservedKey.IDENTITY_NAME, "?")
+        current = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        contributed = shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND)
+        if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+            self.log_warning(fl_ctx, f"{site} returned {shareable.get_return_code()}; result ignored")
+            return False
+        if contributed is not None and contributed != current:
+            self.log_warning(fl_ctx, f"{site} answered round {contributed} in round {current}; result ignored")
+            return False
+        try:
+            model = FLModelUtils.from_shareable(shareable)
+            meta = model.meta or {}
+            result = decode_up(model.params or {}, meta)
+        except (ValueError, TypeError, KeyError) as e:
+            self.log_warning(fl_ctx, f"malformed result from {site}: {e}")
+            return False
+        if all(k in meta for k in PROMPT_INFO_KEYS):  # sites send it with their first result only
+            self.prompt_info = {k: meta[k] for k in PROMPT_INFO_KEYS}
+        metrics = {k: float(v) for k, v in (model.metrics or {}).items()}
+        self.reports.append(SiteReport(site, result, metrics, bytes_up=wire_bytes(shareable)))
+        return True
+
+    def aggregate(self, fl_ctx: FLContext) -> Shareable:
+        state = _state(fl_ctx.get_prop(AppConstants.GLOBAL_MODEL))
+        reports = sorted(self.reports, key=lambda r: r.site)
+        self.reports = []
+        new_state, row = aggregate_round(state, reports, self.step_rule, self.max_step)
+        row.update(
+            bytes_up=[r.bytes_up for r in reports],
+            bytes_down=wire_bytes(_broadcast(state)),
+            seconds=round(time.perf_counter() - self.round_started, 3),
+        )
+        self.recorder = self.recorder or RunRecorder(run_dir(fl_ctx))
+        self.recorder.record(row, new_state, self.prompt_info)
+        self.log_info(
+            fl_ctx,
+            f"round {row['round']}: dev loss {row['dev_loss']:.4f} acc {row['dev_acc']:.4f}"
+            + (f", test acc {row['test_acc']:.4f}" if row["test_acc"] is not None else "")
+            + f", sigma {row['sigma']:.4g} -> {row['next_sigma']:.4g}, {len(row['sites'])} sites",
+        )
+        return DXO(DataKind.WEIGHTS, data=new_state.to_arrays()).to_shareable()
+
+    def reset(self, fl_ctx: FLContext) -> None:
+        self.reports = []

@@ -1,0 +1,128 @@
+"""The README's NVFlare commands, run as written: job creation, the committed job folder, the simulator."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, need_shared
+from fedbpt.config import parse_args
+from fedbpt.standalone import ServerConfig, run_federation
+
+pytestmark = pytest.mark.slow
+
+
+def readme_block(name: str) -> str:
+    """The shell block that follows ``<!-- name -->`` in the README."""
+    text = (REPO / "README.md").read_text()
+    match = re.search(rf"<!-- {name} -->\s*```(?:bash|sh)?\n(.*?)```", text, re.S)
+    assert match, f"README.md has no block marked <!-- {name} -->"
+    return match.group(1)
+
+
+def set_vars(block: str, **values: str) -> str:
+    """Replace the README's own variable assignments (``NAME=...`` lines) by the test's values."""
+    for name, value in values.items():
+        block, n = re.subn(rf"(?m)^{name}=.*$", f"{name}={value}", block)
+        assert n == 1, f"the README block assigns {name} {n} times, expected once"
+    return block
+
+
+def sandbox(tmp_path: Path) -> Path:
+    """A copy of what the commands read (templates, sources), so that they can write ./jobs freely."""
+    root = tmp_path / "repo"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for part in ("job_templates", "src"):
+        shutil.copytree(REPO / part, root / part, ignore=ignore)
+    (root / "jobs").mkdir()
+    os.symlink(REPO.parent / "shared", tmp_path / "shared")  # ../shared as seen from the copy
+    return root
+
+
+def run(script: str, cwd: Path, home: Path, timeout: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HOME": str(home), "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env, timeout=timeout,
+                          capture_output=True, text=True)  # fmt: skip
+
+
+def test_committed_job_folder_is_what_the_readme_command_writes(tmp_path):
+    root = sandbox(tmp_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    commands = readme_block("gpu-run").splitlines()
+    script = "\n".join(line for line in commands if not line.startswith("nvflare simulator"))  # no GPU here
+    proc = run(script, root, home, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    generated, committed = root / "jobs" / "fedbpt", REPO / "jobs" / "fedbpt"
+    assert differences(generated, committed) == [], "regenerate jobs/fedbpt with the README's command"
+    client = (generated / "app" / "config" / "config_fed_client.conf").read_text()
+    assert "--model_name roberta-large" in client and "--k_shot 200" in client
+    server = (generated / "app" / "config" / "config_fed_server.conf").read_text()
+    assert re.search(r"min_clients = 10\b", server) and re.search(r"num_rounds = 200\b", server)
+    assert re.search(r"seed = 1234\b", server)
+
+
+def differences(a: Path, b: Path) -> list[str]:
+    out = []
+    cmp = filecmp.dircmp(a, b, ignore=["__pycache__"])
+    out += [f"only in generated: {x}" for x in cmp.left_only] + [f"only in committed: {x}" for x in cmp.right_only]
+    out += [f"differs: {x}" for x in filecmp.cmpfiles(a, b, cmp.common_files, shallow=False)[1]]
+    for sub in cmp.common_dirs:
+        out += differences(a / sub, b / sub)
+    return out
+
+
+def test_readme_cpu_variant_runs_in_the_simulator(tmp_path, tiny_roberta):
+    need_shared()
+    root = sandbox(tmp_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    workspace = tmp_path / "workspace"
+    script = set_vars(readme_block("cpu-run"), ROUNDS="2", N_CLIENTS="2", MODEL_DIR=str(tiny_roberta),
+                      WORKSPACE=str(workspace))  # fmt: skip
+    proc = run(script, root, home, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    run_dir = workspace / "server" / "simulate_job"
+    nvflare_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in nvflare_rows] == [0, 1]
+    for row in nvflare_rows:
+        assert row["sites"] == ["site-1", "site-2"] and row["dropped"] == []
+        assert 0.0 <= row["dev_acc"] <= 1.0 and 0.0 <= row["test_acc"] <= 1.0
+        assert 0 < max(row["bytes_up"]) and 0 < row["bytes_down"]
+    assert nvflare_rows[1]["sigma"] == pytest.approx(nvflare_rows[0]["next_sigma"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["best_round"] in (0, 1)
+    for name in ("best_prompt.npz", "final_prompt.npz"):
+        with np.load(run_dir / name) as prompt:
+            assert prompt["soft_prompt"].shape == (int(prompt["n_prompt_tokens"]), 32)  # L x H of the tiny model
+            np.testing.assert_allclose(prompt["soft_prompt"].reshape(-1), prompt["z"] @ projection_of(prompt),
+                                       rtol=1e-4, atol=1e-6)  # fmt: skip
+    with np.load(run_dir / "fedbpt_state.npz") as state:
+        assert int(state["round"]) == 2
+    assert list((run_dir / "tb_events").glob("site-1/events.out.tfevents.*")), "no TensorBoard events"
+
+    # the standalone loop runs the same site and server code: same flags and seed, same global mean
+    client_conf = (root / "jobs" / "fedbpt_cpu" / "app" / "config" / "config_fed_client.conf").read_text()
+    cfg = parse_args(shlex.split(re.search(r'app_config = "(.*)"', client_conf).group(1)))
+    rows = run_federation(cfg, ServerConfig(num_rounds=2), str(tmp_path / "standalone"))
+    with np.load(run_dir / "fedbpt_state.npz") as state, np.load(tmp_path / "standalone" / "fedbpt_state.npz") as alone:
+        np.testing.assert_allclose(alone["mean"], state["mean"], rtol=0, atol=1e-6)
+        assert float(alone["sigma"]) == pytest.approx(float(state["sigma"]), rel=1e-6)
+    assert [r["dev_acc"] for r in rows] == pytest.approx([r["dev_acc"] for r in nvflare_rows])
+
+
+def projection_of(prompt) -> np.ndarray:
+    from fedbpt.search import projection
+
+    size = int(prompt["n_prompt_tokens"]) * int(prompt["hidden_size"])
+    return projection(int(prompt["seed"]), prompt["z"].shape[0], size, float(prompt["projection_scale"]))

@@ -1,0 +1,72 @@
+"""The server round: result checks, dev-weighted metrics, model selection on dev only, output files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fedbpt.search import LocalResult, init_state, load_state
+from fedbpt.server import RunRecorder, SiteReport, aggregate_round
+
+D = 8
+
+
+def report(site: str, step: float, dev_loss: float, n_dev: int, test_acc: float | None = None, **kw) -> SiteReport:
+    metrics = {"dev_loss": dev_loss, "dev_acc": 1.0 - dev_loss, "n_dev": float(n_dev)}
+    if test_acc is not None:
+        metrics.update(test_acc=test_acc, test_loss=1.0 - test_acc, n_test=100.0)
+    mean = kw.get("mean", np.full(D, step))
+    return SiteReport(site, LocalResult(mean, kw.get("fitness", step), np.full(4, 0.9), popsize=5), metrics)
+
+
+def test_dev_metrics_are_weighted_by_dev_examples_and_test_comes_from_evaluators():
+    state = init_state(D, 1.0, 7)
+    _, row = aggregate_round(state, [report("site-1", 0.1, 0.2, 30, test_acc=0.8), report("site-2", 0.2, 0.6, 10)])
+    assert row["dev_loss"] == pytest.approx((0.2 * 30 + 0.6 * 10) / 40)
+    assert row["test_acc"] == pytest.approx(0.8)
+    assert row["sites"] == ["site-1", "site-2"] and row["round"] == 0 and row["sigma"] == 1.0
+
+
+def test_bad_results_are_dropped_and_named():
+    state = init_state(D, 1.0, 7)
+    bad_shape = report("site-2", 0.1, 0.5, 10, mean=np.zeros(D + 1))
+    not_finite = report("site-3", 0.1, 0.5, 10, mean=np.full(D, np.nan))
+    new, row = aggregate_round(state, [report("site-1", 0.1, 0.5, 10), bad_shape, not_finite])
+    assert row["sites"] == ["site-1"] and row["dropped"] == ["site-2", "site-3"]
+    np.testing.assert_allclose(new.mean, np.full(D, 0.1))  # one site: the recombination is its mean
+    with pytest.raises(RuntimeError, match="no usable site result"):
+        aggregate_round(state, [bad_shape])
+
+
+def test_best_round_is_chosen_on_dev_never_on_test(tmp_path):
+    """Round 1 has the best test accuracy but a worse dev loss than round 2: round 2 is the best."""
+    recorder = RunRecorder(str(tmp_path))
+    info = {"model_name": "m", "task_name": "sst2", "seed": 3, "n_prompt_tokens": 2, "hidden_size": 4,
+            "projection_scale": 0.5, "cat_or_add": "add"}  # fmt: skip
+    state = init_state(D, 1.0, 3)
+    dev = [0.7, 0.5, 0.4, 0.6]
+    test = [0.60, 0.90, 0.75, 0.70]
+    broadcast = []
+    for round_ in range(4):
+        broadcast.append(state.mean.copy())
+        reports = [report("site-1", 0.1 * (round_ + 1), dev[round_], 20, test_acc=test[round_]),
+                   report("site-2", -0.05, dev[round_], 20)]  # fmt: skip
+        state, row = aggregate_round(state, reports)
+        recorder.record(row, state, info)
+        recorder.save_state(state)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["best_round"] == 2 and summary["best_dev_loss"] == pytest.approx(0.4)
+    assert summary["best_test_acc"] == pytest.approx(0.75) and summary["final_test_acc"] == pytest.approx(0.70)
+    assert summary["rounds"] == 4
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["best_round"] for x in lines] == [0, 1, 2, 2]
+    with np.load(tmp_path / "best_prompt.npz") as best:
+        np.testing.assert_allclose(best["z"], broadcast[2], atol=1e-7)  # the prompt that was evaluated
+        assert int(best["round"]) == 2 and best["soft_prompt"].shape == (2, 4)
+    with np.load(tmp_path / "final_prompt.npz") as final:
+        np.testing.assert_allclose(final["z"], state.mean, atol=1e-6)
+    resumed = load_state(str(tmp_path / "fedbpt_state.npz"))
+    assert resumed.round == 4 and resumed.best_round == 2
+    np.testing.assert_array_equal(resumed.mean, state.mean)
