@@ -25,7 +25,12 @@ def main() -> None:
         sys.exit(f"fedbpt_train.py: error: {e}")
     flare.init()
     site = flare.get_site_name()
-    client = FedBPTClient(cfg, site)
+    try:
+        client = FedBPTClient(cfg, site)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # The site stops here; the server leaves it out of each round (ignore_result_error) or aborts.
+        logging.getLogger("fedbpt").error("%s cannot take part: %s", site, e)
+        sys.exit(1)
     writer = SummaryWriter()
     prompt_info = client.prompt_info()  # sent once: the server needs it to write the prompt files
 
