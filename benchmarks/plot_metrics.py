@@ -21,8 +21,8 @@ def load_rows(run_dir: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'round':>5} {'dev loss':>9} {'dev acc':>8} {'test acc':>9} {'sigma':>8} {'up B':>6} {'down B':>7} {'s':>6}"
-    lines = [head]
+    names = [("round", 5), ("dev loss", 9), ("dev acc", 8), ("test acc", 9), ("sigma", 8), ("up B", 6), ("down B", 7)]
+    lines = [" ".join(f"{name:>{width}}" for name, width in names) + f" {'s':>6}"]
     for r in rows:
         test = f"{r['test_acc']:.4f}" if r.get("test_acc") is not None else "-"
         lines.append(

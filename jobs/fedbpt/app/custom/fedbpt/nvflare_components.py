@@ -29,7 +29,8 @@ from nvflare.fuel.utils import fobs
 from .search import COVARIANCES, STEP_RULES, ServerState, decode_up, encode_down, init_state, load_state
 from .server import STATE_FILE, RunRecorder, SiteReport, aggregate_round
 
-PROMPT_INFO_KEYS = ("model_name", "task_name", "seed", "n_prompt_tokens", "hidden_size", "projection_scale", "cat_or_add")
+PROMPT_INFO_KEYS = ("model_name", "task_name", "seed", "n_prompt_tokens", "hidden_size", "projection_scale",
+                    "cat_or_add")  # fmt: skip
 
 
 def wire_bytes(shareable: Shareable) -> int:
