@@ -162,6 +162,7 @@ class BlackBox:
         a = projection(cfg.seed, cfg.intrinsic_dim, cfg.n_prompt_tokens * self.hidden, self.scale)
         self.projection = torch.from_numpy(a).to(self.device)
         self._active: tuple[torch.Tensor, torch.Tensor] | None = None  # (prompt mask, prompts) of a forward
+        self.examples_scored = 0  # (candidate, example) pairs through the model: the cost of a search
         embedding.register_forward_hook(self._inject)
 
         self.special_ids = set(self.tokenizer.all_special_ids)
@@ -339,6 +340,7 @@ class BlackBox:
         """Class scores (P, n, C) of every candidate on every example, in as few forwards as allowed."""
         prompts = self.prompts(z)
         p, n = prompts.shape[0], len(batch)
+        self.examples_scored += p * n
         lengths = batch.attention.sum(1)
         out, start, rows = [], 0, p * n
         while start < rows:
