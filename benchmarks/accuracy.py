@@ -206,8 +206,8 @@ def plot(runs: dict, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--k200_rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--k200_rounds", type=int, default=4)
     parser.add_argument("--skip_k200", action="store_true")
     parser.add_argument("--resume", action="store_true", help="reuse runs cached in benchmarks/results/runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy.json")
