@@ -3,6 +3,8 @@ and when the workflow stops early."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from nvflare.apis.dxo import from_shareable
@@ -60,3 +62,16 @@ def test_workflow_stops_after_patience_rounds_without_a_better_dev_loss():
     workflow._current_round = 3
     workflow.handle_event(AppEventType.ROUND_DONE, context(state))
     assert workflow._num_rounds == 4  # the loop ends after round 3
+
+
+def test_server_side_imports_neither_torch_nor_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import fedbpt.nvflare_components, fedbpt.server, fedbpt.search, fedbpt.config; "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": "src", "PATH": ""}, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert out.stdout.strip() == "[]"

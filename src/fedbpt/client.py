@@ -99,6 +99,7 @@ class FedBPTClient:
         metrics["dev_loss"], metrics["dev_acc"] = self.blackbox.evaluate(z, self.dev)
         if self.test is not None:
             metrics["test_loss"], metrics["test_acc"] = self.blackbox.evaluate(z, self.test)
+            metrics["n_test"] = float(len(self.test))
         return metrics
 
     def run_round(self, start: GlobalPrompt, round_: int) -> tuple[LocalResult, dict[str, float]]:
