@@ -220,3 +220,11 @@ def test_causal_path_on_real_llama_weights(sst2_dir):
                                         batch.labels)))  # fmt: skip
     assert torch.allclose(bb.class_scores(z, few), one_by_one(bb, z, few), atol=1e-4, rtol=0)
     assert (bb.class_scores(z, few) - bb.class_scores(np.zeros((1, 16)), few)).abs().max() > 1e-3
+
+
+def test_long_prompts_truncate_the_text_to_fit_exactly(tiny_roberta, examples):
+    # <s> . . It was <mask> . </s> are 8 tokens around the prompt: with 128 positions, L = 119 leaves one
+    fits = make(tiny_roberta, n_prompt_tokens=119).encode(examples)
+    assert fits.attention.sum(1).max() == 128 and fits.text.sum(1).tolist() == [1] * len(examples)
+    with pytest.raises(ValueError, match="--n_prompt_tokens 120 leaves no room"):
+        make(tiny_roberta, n_prompt_tokens=120).encode(examples)

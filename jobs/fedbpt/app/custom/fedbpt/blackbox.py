@@ -212,12 +212,11 @@ class BlackBox:
     def _ids(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
-    def encode(self, split: Split) -> Batch:
-        """Token ids of the task's template around each example, with the prompt placeholders in them."""
-        pieces = [p for p in _SLOT.split(self._template()) if p]
+    def _plan(self) -> list[tuple[str, str]]:
+        """The template as (slot, content) pieces: ("lit", text) or a slot with the spaces before it."""
         # A literal's trailing space belongs to the next piece: BPE tokenisers fold it into the next word.
         carried, plan = "", []
-        for piece in pieces:
+        for piece in (p for p in _SLOT.split(self._template()) if p):
             if _SLOT.fullmatch(piece):
                 plan.append((piece, carried))
                 carried = ""
@@ -225,33 +224,33 @@ class BlackBox:
                 stripped = (carried + piece).rstrip(" ")
                 plan.append(("lit", stripped))
                 carried = (carried + piece)[len(stripped) :]
-        n = len(split)
-        field_ids = {}
-        for slot, prefix in plan:
-            if slot.startswith("{text"):
-                k = int(slot[5:-1])
-                field_ids[slot] = self._ids([prefix + t[k] for t in split.texts])
+        return plan
+
+    def encode(self, split: Split) -> Batch:
+        """Token ids of the task's template around each example, with the prompt placeholders in them."""
+        plan = self._plan()
         head, tail = self._special_wrap()
-        fixed = len(head) + len(tail)
-        for slot, content in plan:
-            if slot == "lit":
-                fixed += len(self._ids([content])[0]) if content else 0
-            elif slot == "{prompt}":
-                fixed += self.cfg.n_prompt_tokens
-            elif slot == "{mask}" and self.kind == "mlm":
-                fixed += 1
+        literal_ids = {c: self._ids([c])[0] for s, c in plan if s == "lit" and c}
+        field_ids = {  # slot -> token ids of that text field for every example
+            slot: self._ids([prefix + t[int(slot[5:-1])] for t in split.texts])
+            for slot, prefix in plan
+            if slot.startswith("{text")
+        }
+        mask_id = self.tokenizer.mask_token_id
+        if self.kind == "mlm" and mask_id is None:
+            raise ValueError(f"--model_name {self.cfg.model_name}: the tokenizer has no mask token")
+        fixed = len(head) + len(tail) + sum(len(literal_ids[c]) for s, c in plan if s == "lit" and c)
+        fixed += self.cfg.n_prompt_tokens
+        fixed += 1 if self.kind == "mlm" else 0  # the mask
         room = self.max_length - fixed
-        if room < 1 + (len(field_ids) - 1):
+        if room < len(field_ids):
             raise ValueError(
                 f"--n_prompt_tokens {self.cfg.n_prompt_tokens} leaves no room for the text: the model takes "
                 f"{self.max_length} tokens and the prompt, template and special tokens need {fixed}"
             )
-        literal_ids = {c: self._ids([c])[0] for s, c in plan if s == "lit" and c}
-        mask_id = self.tokenizer.mask_token_id
-        if self.kind == "mlm" and mask_id is None:
-            raise ValueError(f"--model_name {self.cfg.model_name}: the tokenizer has no mask token")
 
         rows, kinds, answers = [], [], []
+        n = len(split)
         for i in range(n):
             texts = _truncate([field_ids[s][i] for s in sorted(field_ids)], room)
             by_slot = dict(zip(sorted(field_ids), texts))
