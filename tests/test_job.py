@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +127,37 @@ def projection_of(prompt) -> np.ndarray:
 
     size = int(prompt["n_prompt_tokens"]) * int(prompt["hidden_size"])
     return projection(int(prompt["seed"]), prompt["z"].shape[0], size, float(prompt["projection_scale"]))
+
+
+def test_job_api_twin_exports_the_same_components(tmp_path):
+    """job.py (NVFlare's Job API) builds the job the template builds: same workflow and components."""
+    out = tmp_path / "export"
+    site_flags = "--task_name sst2 --intrinsic_dim 64 --seed 7 --device cpu --num_users 3"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "job.py"), "--export_dir", str(out), "--n_clients", "3", "--num_rounds", "4",
+         "--patience", "2", "--step_rule", "example", "--", *shlex.split(site_flags)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    app = out / "fedbpt" / "app"
+    server = json.loads((app / "config" / "config_fed_server.json").read_text())
+    workflow = server["workflows"][0]
+    assert workflow["path"] == "fedbpt.nvflare_components.FedBPTScatterAndGather"
+    assert {k: workflow["args"][k] for k in ("min_clients", "num_rounds", "patience")} == {
+        "min_clients": 3, "num_rounds": 4, "patience": 2}  # fmt: skip
+    components = {c["id"]: c for c in server["components"]}
+    template = (REPO / "job_templates" / "fedbpt" / "config_fed_server.conf").read_text()
+    for cid, component in components.items():
+        assert f'id = "{cid}"' in template and f'path = "{component["path"]}"' in template
+    assert components["persistor"]["args"] == {"intrinsic_dim": 64, "seed": 7}
+    assert components["aggregator"]["args"] == {"step_rule": "example"}
+    client = json.loads((app / "config" / "config_fed_client.json").read_text())
+    command = client["executors"][0]["executor"]["args"]["command"]
+    assert command[2:] == ["custom/fedbpt_train.py", *shlex.split(site_flags)]
+    assert (app / "custom" / "fedbpt" / "nvflare_components.py").exists()
+
+
+def test_job_api_twin_rejects_bad_site_flags(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "job.py"), "--export_dir", str(tmp_path), "--", "--k_shot", "0"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode != 0 and "--k_shot must be >= 1" in proc.stderr

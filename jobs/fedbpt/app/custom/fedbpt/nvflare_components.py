@@ -164,10 +164,35 @@ class FedBPTAggregator(Aggregator):
 
 class FedBPTScatterAndGather(ScatterAndGather):
     """ScatterAndGather with an optional early stop: after ``patience`` rounds in which the aggregated dev
-    loss did not beat the best round (0: run all ``num_rounds``). Every other argument is ScatterAndGather's."""
+    loss did not beat the best round (0: run all ``num_rounds``). The other arguments are ScatterAndGather's."""
 
-    def __init__(self, patience: int = 0, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        min_clients: int = 1000,
+        num_rounds: int = 5,
+        start_round: int = 0,
+        wait_time_after_min_received: int = 10,
+        aggregator_id: str = "aggregator",
+        persistor_id: str = "persistor",
+        shareable_generator_id: str = "shareable_generator",
+        train_task_name: str = "train",
+        train_timeout: int = 0,
+        ignore_result_error: bool = True,
+        patience: int = 0,
+    ):
+        # Every argument is spelt out (no **kwargs) so that NVFlare's Job API can export them.
+        super().__init__(
+            min_clients=min_clients,
+            num_rounds=num_rounds,
+            start_round=start_round,
+            wait_time_after_min_received=wait_time_after_min_received,
+            aggregator_id=aggregator_id,
+            persistor_id=persistor_id,
+            shareable_generator_id=shareable_generator_id,
+            train_task_name=train_task_name,
+            train_timeout=train_timeout,
+            ignore_result_error=ignore_result_error,
+        )
         if patience < 0:
             raise ValueError(f"patience must be >= 0, got {patience}")
         self.patience = int(patience)
