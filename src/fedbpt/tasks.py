@@ -41,11 +41,11 @@ _SENTIMENT = dict(
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
-        Task(name="sst2", hf_path="glue", hf_name="sst2", test_split="validation", **_SENTIMENT),
-        Task(name="yelpp", hf_path="yelp_polarity", hf_name=None, **{**_SENTIMENT, "text_fields": ("text",)}),
+        Task(name="sst2", hf_path="nyu-mll/glue", hf_name="sst2", test_split="validation", **_SENTIMENT),
+        Task(name="yelpp", hf_path="fancyzhx/yelp_polarity", hf_name=None, **{**_SENTIMENT, "text_fields": ("text",)}),
         Task(
             name="agnews",
-            hf_path="ag_news",
+            hf_path="fancyzhx/ag_news",
             hf_name=None,
             text_fields=("text",),
             verbalizer=("World", "Sports", "Business", "Tech"),
@@ -60,7 +60,7 @@ TASKS: dict[str, Task] = {
         ),
         Task(
             name="dbpedia",
-            hf_path="dbpedia_14",
+            hf_path="fancyzhx/dbpedia_14",
             hf_name=None,
             text_fields=("content",),
             verbalizer=(
@@ -103,7 +103,7 @@ TASKS: dict[str, Task] = {
         ),
         Task(
             name="mrpc",
-            hf_path="glue",
+            hf_path="nyu-mll/glue",
             hf_name="mrpc",
             text_fields=("sentence1", "sentence2"),
             verbalizer=("No", "Yes"),
@@ -115,7 +115,7 @@ TASKS: dict[str, Task] = {
         ),
         Task(
             name="rte",
-            hf_path="glue",
+            hf_path="nyu-mll/glue",
             hf_name="rte",
             text_fields=("sentence1", "sentence2"),
             verbalizer=("Yes", "No"),  # GLUE RTE: 0 = entailment
@@ -126,7 +126,7 @@ TASKS: dict[str, Task] = {
         ),
         Task(
             name="snli",
-            hf_path="snli",
+            hf_path="stanfordnlp/snli",
             hf_name=None,
             text_fields=("premise", "hypothesis"),
             verbalizer=("Yes", "Maybe", "No"),
