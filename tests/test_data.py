@@ -245,7 +245,7 @@ def test_load_hf_drops_negative_labels(monkeypatch: pytest.MonkeyPatch):
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     s = load_split(get_task("snli"), "dev")
-    assert calls == [("snli", None, "validation")]
+    assert calls == [("stanfordnlp/snli", None, "validation")]
     assert s.texts == [("a", "x"), ("c", "z")]
     assert s.labels.tolist() == [2, 0]
 
