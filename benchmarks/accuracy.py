@@ -313,8 +313,8 @@ def main() -> None:
         "smollm": {**SMOL_SETTING, "rounds": args.smol_rounds, "seeds": 1, "central_popsize": SMOL_CENTRAL_POPSIZE},
         "test": f"SST-2 GLUE dev ({args.test_limit or 872})",
         "compute_seconds": {  # the sum of the runs' own times, also when they come from the cache
-            "minilm": round(sum(v for k, v in SPENT.items() if not k.startswith("smol_")), 1),
-            "smollm": round(sum(v for k, v in SPENT.items() if k.startswith("smol_")), 1),
+            part: round(sum(v for k, v in SPENT.items() if k.startswith("smol_") == (part == "smollm")), 1)
+            for part in ("minilm", *(() if args.skip_smol else ("smollm",)))
         },
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
