@@ -199,6 +199,15 @@ ABLATIONS = {
 }
 
 
+def prepare() -> None:
+    """Logging for a benchmark script (the per-site lines left out), and its data, or a clear stop."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("fedbpt.client", "fedbpt.blackbox", "fedbpt.server"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not SST2.exists():
+        raise SystemExit(f"{SST2} not found: the benchmark reads SST-2 from ../shared/data/sst2")
+
+
 def stats(values: list[float]) -> dict:
     return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
             "n": len(values)}  # fmt: skip
@@ -267,11 +276,7 @@ def main() -> None:
     if None in methods.values():
         unknown = [name for name, method in methods.items() if method is None]
         parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("fedbpt.client", "fedbpt.blackbox", "fedbpt.server"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not SST2.exists():
-        raise SystemExit(f"{SST2} not found: the benchmark reads SST-2 from ../shared/data/sst2")
+    prepare()
 
     t0 = time.perf_counter()
     bench = Bench(args, minilm(), SETTING, CENTRAL_POPSIZE)

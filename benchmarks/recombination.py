@@ -22,15 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from accuracy import CENTRAL_POPSIZE, RESULTS, SETTING, SST2, Bench, minilm
-from fedbpt.client import FedBPTClient, load_task_data
-from fedbpt.search import decode_down, decode_up, encode_down, encode_up, init_state
-from fedbpt.server import SiteReport, aggregate_round
+from accuracy import CENTRAL_POPSIZE, RESULTS, SETTING, Bench, minilm, prepare
+from fedbpt.client import load_task_data
+from fedbpt.search import ServerState
+from fedbpt.server import SiteReport
+from fedbpt.standalone import ServerConfig, run_federation
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -39,34 +41,31 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run(bench: Bench, seed: int, rounds: int) -> list[dict]:
+    """FedBPT IID through the standalone loop, measuring each round's reports without changing the run."""
     cfg = bench.site_config(seed)
-    bb, data = bench.box(seed), load_task_data(cfg, with_test=False)
-    dev = bb.encode(data.dev)
-    sites = [FedBPTClient(cfg, f"site-{i + 1}", bb, data) for i in range(cfg.num_users)]
-    state = init_state(cfg.intrinsic_dim, 1.0, cfg.seed, "diag")
+    bb = bench.box(seed)
+    dev = bb.encode(load_task_data(cfg, with_test=False).dev)
     rows = []
-    for round_ in range(rounds):
-        start = decode_down(*encode_down(state))
-        reports = []
-        for site in sites:
-            result, metrics = site.run_round(start, round_)
-            reports.append(SiteReport(site.site, decode_up(*encode_up(result)), metrics))
-        state, _ = aggregate_round(state, reports)
+
+    def measure(state: ServerState, reports: list[SiteReport], new: ServerState) -> None:
         means = np.stack([r.result.mean for r in reports])
         fitness = np.array([r.result.fitness for r in reports])
         site_dev = bb.losses(bb.class_scores(means, dev), dev.labels)
-        candidates = np.stack([state.mean, means.mean(0)])  # rank-weighted (where the run goes), plain
+        candidates = np.stack([new.mean, means.mean(0)])  # rank-weighted (where the run goes), plain
         dev_loss = bb.losses(bb.class_scores(candidates, dev), dev.labels)
         test = [bench.test_acc(seed, z) for z in candidates]
         rows.append({
-            "round": round_,
+            "round": state.round,
             "spearman_fitness_vs_pooled_dev": spearman(fitness, site_dev),
             "rank_dev_loss": float(dev_loss[0]), "plain_dev_loss": float(dev_loss[1]),
             "rank_test_acc": test[0], "plain_test_acc": test[1],
-            "step_rank": float(np.linalg.norm(state.mean - start.mean)),
-            "step_plain": float(np.linalg.norm(means.mean(0) - start.mean)),
+            "step_rank": float(np.linalg.norm(new.mean - state.mean)),
+            "step_plain": float(np.linalg.norm(means.mean(0) - state.mean)),
         })  # fmt: skip
-        logging.info("seed %d round %d: %s", seed, round_, rows[-1])
+        logging.info("seed %d round %d: %s", seed, state.round, rows[-1])
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        run_federation(cfg, ServerConfig(num_rounds=rounds), run_dir, blackbox=bb, on_round=measure)
     return rows
 
 
@@ -76,11 +75,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--out", type=Path, default=RESULTS / "recombination.json")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    for noisy in ("fedbpt.client", "fedbpt.blackbox", "fedbpt.server"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not SST2.exists():
-        raise SystemExit(f"{SST2} not found: the benchmark reads SST-2 from ../shared/data/sst2")
+    prepare()
 
     t0 = time.perf_counter()
     bench = Bench(argparse.Namespace(test_limit=0, rounds=args.rounds), minilm(), SETTING, CENTRAL_POPSIZE)

@@ -115,9 +115,14 @@ def test_readme_cpu_variant_runs_in_the_simulator(tmp_path, tiny_roberta):
     # the standalone loop runs the same site and server code: same flags and seed, same global mean
     client_conf = (root / "jobs" / "fedbpt_cpu" / "app" / "config" / "config_fed_client.conf").read_text()
     cfg = parse_args(shlex.split(re.search(r'app_config = "(.*)"', client_conf).group(1)))
-    rows = run_federation(cfg, ServerConfig(num_rounds=2), str(tmp_path / "standalone"))
+    seen = []  # on_round sees each round's start, the decoded reports and the state the server moved to
+    rows = run_federation(cfg, ServerConfig(num_rounds=2), str(tmp_path / "standalone"),
+                          on_round=lambda start, reports, new: seen.append((start, reports, new)))  # fmt: skip
+    assert [(start.round, len(reports), new.round) for start, reports, new in seen] == [(0, 2, 1), (1, 2, 2)]
+    np.testing.assert_array_equal(seen[1][0].mean, seen[0][2].mean)
     with np.load(run_dir / "fedbpt_state.npz") as state, np.load(tmp_path / "standalone" / "fedbpt_state.npz") as alone:
         np.testing.assert_allclose(alone["mean"], state["mean"], rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(seen[-1][2].mean, alone["mean"])
         assert float(alone["sigma"]) == pytest.approx(float(state["sigma"]), rel=1e-6)
     assert [r["dev_acc"] for r in rows] == pytest.approx([r["dev_acc"] for r in nvflare_rows])
 

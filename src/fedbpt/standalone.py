@@ -13,12 +13,13 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .blackbox import BlackBox
 from .client import FedBPTClient, blackbox_config, load_task_data
 from .config import ClientConfig, parse_args
-from .search import COVARIANCES, STEP_RULES, decode_down, decode_up, encode_down, encode_up, init_state
+from .search import COVARIANCES, STEP_RULES, ServerState, decode_down, decode_up, encode_down, encode_up, init_state
 from .server import RunRecorder, SiteReport, aggregate_round
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,13 @@ def run_federation(
     run_dir: str,
     blackbox: BlackBox | None = None,
     num_sites: int | None = None,
+    on_round: Callable[[ServerState, list[SiteReport], ServerState], None] | None = None,
 ) -> list[dict]:
     """Run ``server.num_rounds`` rounds over sites site-1..site-K (K = ``num_sites`` or ``--num_users``);
-    writes the same outputs as the NVFlare job into ``run_dir`` and returns the metrics rows."""
+    writes the same outputs as the NVFlare job into ``run_dir`` and returns the metrics rows.
+
+    ``on_round(state, reports, next_state)``, if given, sees every round's starting state, the sites'
+    reports as decoded and the state the server moves to: for measurements that must not change the run."""
     blackbox = blackbox or BlackBox(blackbox_config(cfg))
     data = load_task_data(cfg, with_test=bool(cfg.evaluators))
     sites = [FedBPTClient(cfg, f"site-{i + 1}", blackbox, data) for i in range(num_sites or cfg.num_users)]
@@ -57,7 +62,10 @@ def run_federation(
         for site in sites:
             result, metrics = site.run_round(start, round_)
             reports.append(SiteReport(site.site, decode_up(*encode_up(result)), metrics))
+        previous = state
         state, row = aggregate_round(state, reports, server.step_rule)
+        if on_round is not None:
+            on_round(previous, reports, state)
         row["seconds"] = round(time.perf_counter() - t0, 3)
         recorder.record(row, state, sites[0].prompt_info())
         recorder.save_state(state)
