@@ -22,7 +22,9 @@ SRC = Path(__file__).resolve().parent / "src"
 sys.path.insert(0, str(SRC))
 
 from fedbpt.config import parse_args  # noqa: E402
-from fedbpt.search import COVARIANCES, STEP_RULES  # noqa: E402
+from fedbpt.search import COVARIANCES, MAX_STEP, STEP_RULES  # noqa: E402
+
+DEFAULT_INTRINSIC_DIM = 500  # the template's, and the paper's
 
 
 def build_job(server: argparse.Namespace, app_config: str):
@@ -52,7 +54,7 @@ def build_job(server: argparse.Namespace, app_config: str):
     job.to_server(workflow, id="scatter_and_gather")
     job.to_server(FedBPTPersistor(server.intrinsic_dim, server.sigma, server.seed, server.covariance), id="persistor")
     job.to_server(FedBPTShareableGenerator(), id="shareable_generator")
-    job.to_server(FedBPTAggregator(step_rule=server.step_rule), id="aggregator")
+    job.to_server(FedBPTAggregator(step_rule=server.step_rule, max_step=server.max_step), id="aggregator")
     job.to_server(TBAnalyticsReceiver(events=["fed.analytix_log_stats"]), id="receiver")
     job.to_server(str(SRC))  # app/custom gets src/ as `nvflare job create -sd ./src` copies it
     runner = ScriptRunner(
@@ -76,7 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min_clients", type=int, help="site results to wait for each round (default: n_clients)")
     parser.add_argument("--num_rounds", type=int, default=200)
     parser.add_argument("--seed", type=int, help="job seed (default: the sites' --seed)")
-    parser.add_argument("--intrinsic_dim", type=int, help="d (default: the sites' --intrinsic_dim)")
+    parser.add_argument("--intrinsic_dim", type=int, help="d (default: the sites' --intrinsic_dim, else 500)")
+    parser.add_argument("--max_step", type=float, default=MAX_STEP,
+                        help="refuse a site whose step is longer than this many honest (no-signal) steps")  # fmt: skip
     parser.add_argument("--sigma", type=float, default=1.0, help="initial global step size")
     parser.add_argument("--step_rule", choices=STEP_RULES, default="eq6")
     parser.add_argument("--covariance", choices=COVARIANCES, default="diag")
@@ -90,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"site flag: {e}")
     server.min_clients = server.min_clients or server.n_clients
     server.seed = site.seed if server.seed is None else server.seed
-    server.intrinsic_dim = server.intrinsic_dim or site.intrinsic_dim
-    if server.intrinsic_dim != site.intrinsic_dim:
+    server.intrinsic_dim = server.intrinsic_dim or site.intrinsic_dim or DEFAULT_INTRINSIC_DIM
+    if site.intrinsic_dim is not None and server.intrinsic_dim != site.intrinsic_dim:
         parser.error(
             f"--intrinsic_dim {server.intrinsic_dim} differs from the sites' --intrinsic_dim {site.intrinsic_dim}"
         )

@@ -2,50 +2,63 @@
 
 It only moves messages: receive the global search distribution, let the site evaluate it and search
 locally from it, send the local result back. All model and search work lives in the fedbpt package.
+A site that cannot take part (a bad flag, missing data, settings that do not fit the server's state)
+answers every task with the reason instead of a result, so that the server's log and metrics say why.
 """
 
+from __future__ import annotations
+
 import logging
-import sys
 
 import nvflare.client as flare
 from nvflare.client.tracking import SummaryWriter
 
-from fedbpt.client import FedBPTClient
+from fedbpt.client import FedBPTClient, check_server_state
 from fedbpt.config import parse_args
-from fedbpt.search import decode_down, encode_up
+from fedbpt.search import GlobalPrompt, decode_down, encode_up
 
 TRACKED = ("dev_loss", "dev_acc", "test_loss", "test_acc", "local_fitness", "local_sigma")
+log = logging.getLogger("fedbpt")
+
+
+def join(site: str, start: GlobalPrompt) -> tuple[FedBPTClient | None, str | None]:
+    """The site, or why it cannot take part: its flags are checked against the server's first message
+    before the model loads, so that a mismatch is reported within seconds."""
+    try:
+        cfg = parse_args()
+        check_server_state(cfg, start)
+        return FedBPTClient(cfg, site), None
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        log.error("%s cannot take part: %s", site, e)
+        return None, f"{site} cannot take part: {e}"
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    try:
-        cfg = parse_args()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"fedbpt_train.py: error: {e}")
     flare.init()
     site = flare.get_site_name()
-    try:
-        client = FedBPTClient(cfg, site)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        # The site stops here; the server leaves it out of each round (ignore_result_error) or aborts.
-        logging.getLogger("fedbpt").error("%s cannot take part: %s", site, e)
-        sys.exit(1)
     writer = SummaryWriter()
-    prompt_info = client.prompt_info()  # sent once: the server needs it to write the prompt files
+    client, error, described = None, None, False
 
     while flare.is_running():
         received = flare.receive()
         if received is None:
             break
-        round_ = received.current_round or 0
-        result, metrics = client.run_round(decode_down(received.params, received.meta), round_)
+        start = decode_down(received.params, received.meta)
+        if client is None and error is None:
+            client, error = join(site, start)
+        if error:
+            flare.send(flare.FLModel(params={}, meta={"error": error}))
+            continue
+        result, metrics = client.run_round(start)
         for key in TRACKED:
             if key in metrics:
-                writer.add_scalar(key, metrics[key], global_step=round_)
+                writer.add_scalar(key, metrics[key], global_step=start.round)
         params, meta = encode_up(result)
-        flare.send(flare.FLModel(params=params, metrics=metrics, meta={**meta, **prompt_info}))
-        prompt_info = {}
+        meta["fingerprint"] = client.blackbox.fingerprint
+        if not described:  # once: the server checks the site against it and writes the prompt files from it
+            meta["description"], described = client.description(), True
+        flare.send(flare.FLModel(params=params, metrics=metrics, meta=meta))
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@ and when the workflow stops early."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from nvflare.apis.dxo import from_shareable
+from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.abstract.model import make_model_learnable
@@ -45,6 +47,76 @@ def test_aggregator_rejects_malformed_results():
     assert aggregator.accept(no_fitness, ctx) is False
     assert len(aggregator.reports) == 1 and aggregator.reports[0].result.fitness == pytest.approx(0.5)
     assert aggregator.reports[0].bytes_up > 8 * 4
+
+
+def site_result(site: str, params: dict, meta: dict, metrics: dict | None = None, rc=None):
+    shareable = FLModelUtils.to_shareable(FLModel(params=params, meta=meta, metrics=metrics or {}))
+    shareable.set_peer_props({ReservedKey.IDENTITY_NAME: site})
+    if rc is not None:
+        shareable.set_return_code(rc)
+    return shareable
+
+
+def test_aggregator_names_every_site_it_leaves_out(tmp_path, monkeypatch):
+    """A site that reported an error, sent a malformed result or failed its task is named with why in the
+    metrics row; a site heard from before that does not answer is named as missing."""
+    import fedbpt.nvflare_components as components
+
+    monkeypatch.setattr(components, "run_dir", lambda fl_ctx: str(tmp_path))
+    aggregator = FedBPTAggregator()
+    state = init_state(8, 1.0, 1)
+    params, meta = encode_up(LocalResult(np.full(8, 0.1), 0.5, np.ones(3), popsize=5))
+    description = {"model_name": "m", "task_name": "sst2", "seed": 1, "n_prompt_tokens": 2, "hidden_size": 4,
+                   "projection_scale": 0.5, "intrinsic_dim": 8, "k_shot": 8, "num_labels": 2}  # fmt: skip
+    good = {**meta, "fingerprint": "f00d", "description": description}
+    metrics = {"dev_loss": 0.5, "dev_acc": 0.5, "n_dev": 4.0}
+    for site in ("site-1", "site-2", "site-3", "site-4"):
+        assert aggregator.accept(site_result(site, params, good, metrics), context(state))
+    state = _state_after(aggregator, state)
+    assert aggregator.descriptions["site-1"] == description  # kept: sites send it with their first result only
+
+    ctx = context(state)
+    assert aggregator.accept(site_result("site-1", params, {**meta, "fingerprint": "f00d"}, metrics), ctx)
+    assert not aggregator.accept(site_result("site-2", {}, {"error": "site-2 cannot take part: no data"}), ctx)
+    assert not aggregator.accept(site_result("site-3", params, {"sigmas": [1.0]}), ctx)  # no fitness
+    aggregator.refuse("site-4", "its task ended with EXECUTION_EXCEPTION")  # what the workflow reports
+    aggregator.aggregate(ctx)
+    row = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    assert row["sites"] == ["site-1"] and row["missing"] == []
+    assert row["dropped"] == {
+        "site-2": "the site stopped: site-2 cannot take part: no data",
+        "site-3": "malformed result: site result lacks ['fitness']",
+        "site-4": "its task ended with EXECUTION_EXCEPTION",
+    }
+    with np.load(tmp_path / "final_prompt.npz") as prompt:  # written from the first site's description
+        assert str(prompt["model_name"]) == "m" and prompt["soft_prompt"].shape == (2, 4)
+
+    state = _state_after(aggregator, state, [("site-1", metrics)])
+    row = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    assert row["missing"] == ["site-2", "site-3", "site-4"]
+
+
+def _state_after(aggregator, state, answers=()):
+    ctx = context(state)
+    params, meta = encode_up(LocalResult(np.full(8, 0.1), 0.5, np.ones(3), popsize=5))
+    for site, metrics in answers:
+        aggregator.accept(site_result(site, params, {**meta, "fingerprint": "f00d"}, metrics), ctx)
+    return _state_from(aggregator.aggregate(ctx))
+
+
+def _state_from(shareable):
+    from fedbpt.search import ServerState
+
+    return ServerState.from_arrays(from_shareable(shareable).data)
+
+
+def test_workflow_tells_the_aggregator_about_failed_tasks():
+    workflow = FedBPTScatterAndGather(min_clients=2, num_rounds=2, ignore_result_error=True)
+    workflow.aggregator = FedBPTAggregator()
+    workflow._current_failed_clients, workflow._current_num_targets = set(), 3
+    failed = site_result("site-3", {}, {}, rc=ReturnCode.EXECUTION_EXCEPTION)
+    assert workflow._accept_train_result("site-3", failed, FLContext()) is False  # ScatterAndGather ignores it
+    assert workflow.aggregator.refused == {"site-3": "its task ended with EXECUTION_EXCEPTION"}
 
 
 def test_workflow_stops_after_patience_rounds_without_a_better_dev_loss():

@@ -24,6 +24,12 @@ def test_published_app_config_parses_with_its_meaning():
     assert cfg.evaluators == ["site-1"] and cfg.llama_causal == 1 and cfg.seed == 1234
     # paper defaults for what the command leaves out
     assert cfg.alpha_dir == 1.0 and cfg.perturb_rate == 0.5 and cfg.sigma == 1.0
+    assert cfg.prompt_at == "auto"  # the embeddings block's output for RoBERTa, as in BBT and the paper
+
+
+def test_intrinsic_dim_comes_from_the_server_unless_given():
+    assert parse_args([]).intrinsic_dim is None
+    assert parse_args(["--intrinsic_dim", "200"]).intrinsic_dim == 200
 
 
 def test_committed_job_carries_the_published_flags():
@@ -47,10 +53,13 @@ def test_round_trip_through_app_config():
         ("--perturb_rate 1.5", "--perturb_rate must be in"),
         ("--alpha_dir 0", "--alpha_dir must be > 0"),
         ("--data_dir /no/such/dir", "--data_dir '/no/such/dir'"),
+        ("--prompt_at mask", "--prompt_at"),
+        ("--k_shot", "--k_shot: expected one argument"),
+        ("--k_shto 4", "unrecognized arguments in app_config: --k_shto 4"),
     ],
 )
 def test_bad_values_name_the_flag(flags, message, capsys):
-    with pytest.raises((ValueError, FileNotFoundError, SystemExit)) as err:
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
         parse_args(shlex.split(flags))
     text = str(err.value) + capsys.readouterr().err
     assert message in text

@@ -136,6 +136,11 @@ def test_site_index():
         site_index("site-12", 10)
 
 
+def test_site_local_data_takes_any_site_name():
+    """--num_users 1: every site reads its own --data_dir and uses all of it, whatever the site is called."""
+    assert [site_index(name, 1) for name in ("hospital-a", "site-7", "lab_b")] == [0, 0, 0]
+
+
 # --- Split ----------------------------------------------------------------------------------------
 
 
@@ -257,3 +262,14 @@ def test_load_hf_failure_points_to_data_dir(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     with pytest.raises(RuntimeError, match=r"glue/sst2 split 'train'.*--data_dir DIR"):
         load_split(get_task("sst2"), "train")
+
+
+def test_yelp_literal_newlines_become_spaces(tmp_path: Path):
+    """The Yelp files hold "\\n" as two characters; the public example reads them as a space."""
+    rows = [{"text": "great food .\\n\\nfriendly staff", "label": 1}, {"text": "cold\\nand slow", "label": 0}]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    yelp = load_split(get_task("yelpp"), "train", str(tmp_path))
+    assert [t[0] for t in yelp.texts] == ["great food .  friendly staff", "cold and slow"]
+    sst2 = [{"sentence": "a\\nb", "label": 1}]  # other tasks keep the text as it is
+    (tmp_path / "train.jsonl").write_text(json.dumps(sst2[0]))
+    assert load_split(get_task("sst2"), "train", str(tmp_path)).texts == [("a\\nb",)]

@@ -97,7 +97,7 @@ def test_readme_cpu_variant_runs_in_the_simulator(tmp_path, tiny_roberta):
     nvflare_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in nvflare_rows] == [0, 1]
     for row in nvflare_rows:
-        assert row["sites"] == ["site-1", "site-2"] and row["dropped"] == []
+        assert row["sites"] == ["site-1", "site-2"] and row["dropped"] == {} and row["missing"] == []
         assert 0.0 <= row["dev_acc"] <= 1.0 and 0.0 <= row["test_acc"] <= 1.0
         assert 0 < max(row["bytes_up"]) and 0 < row["bytes_down"]
     assert nvflare_rows[1]["sigma"] == pytest.approx(nvflare_rows[0]["next_sigma"])

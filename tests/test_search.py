@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 
 from fedbpt.search import (
+    CLIP_LENGTH,
     COVARIANCES,
+    MAX_STEP,
     STEP_RULES,
     GlobalPrompt,
     LocalResult,
     ServerState,
     check_result,
+    clip_length,
     corrected_sigma,
     decode_down,
     decode_up,
@@ -28,11 +31,15 @@ from fedbpt.search import (
     init_state,
     load_state,
     local_search,
+    no_signal_step_variance,
     projection,
+    projection_fingerprint,
     projection_scale,
     rank_weights,
+    recombination_weights,
     save_state,
     server_update,
+    update_with_clipping,
 )
 
 
@@ -40,6 +47,13 @@ def hand_weights(k: int) -> np.ndarray:
     """CMA's recombination weights, (ln(k + 1/2) - ln i) / sum, i = 1..k, best first."""
     raw = [math.log(k + 0.5) - math.log(i) for i in range(1, k + 1)]
     return np.array(raw) / sum(raw)
+
+
+def hand_kappa(popsize: int) -> float:
+    """1 / mu_eff of a local generation: cma's positive weights ln((popsize + 1) / 2) - ln i, i <= popsize // 2."""
+    raw = np.array([math.log((popsize + 1) / 2) - math.log(i) for i in range(1, popsize // 2 + 1)])
+    w = raw / raw.sum()
+    return float(np.sum(w**2))
 
 
 def result(mean, fitness: float, sigmas=(1.0, 1.0), popsize: int = 5) -> LocalResult:
@@ -113,11 +127,13 @@ def test_down_round_trip_float32():
     state = replace(init_state(7, 0.37, 9), mean=rng.standard_normal(7), cov=rng.random(7) + 0.5)
     params, meta = encode_down(state)
     assert params["mean"].dtype == np.float32 and params["cov"].dtype == np.float32
-    assert meta == {"sigma": 0.37, "seed": 9}
+    assert meta == {"sigma": 0.37, "seed": 9, "round": 0}
     got = decode_down(params, meta)
     np.testing.assert_allclose(got.mean, state.mean, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(got.cov, state.cov, rtol=1e-6)
     assert got.sigma == 0.37 and got.mean.dtype == np.float64
+    assert got.round == 0 and got.dim == 7
+    assert decode_down(*encode_down(replace(state, round=12))).round == 12  # the server's round, for resumed jobs
 
 
 def test_up_round_trip_float32():
@@ -131,10 +147,10 @@ def test_up_round_trip_float32():
     np.testing.assert_array_equal(got.sigmas, [0.5, 0.45, 0.4])
 
 
-@pytest.mark.parametrize("drop", ["mean", "sigma", "cov"])
+@pytest.mark.parametrize("drop", ["mean", "sigma", "cov", "round"])
 def test_decode_down_missing_key_raises(drop):
     params = {"mean": np.zeros(3, np.float32), "cov": np.ones(3, np.float32)}
-    meta = {"sigma": 1.0, "seed": 1}
+    meta = {"sigma": 1.0, "seed": 1, "round": 0}
     params.pop(drop, None)
     meta.pop(drop, None)
     with pytest.raises(ValueError, match=drop):
@@ -169,6 +185,7 @@ def test_up_message_at_d500_fits_4kb_on_the_wire(nvflare_wire):
     rng = np.random.default_rng(3)
     local = LocalResult(rng.standard_normal(500), 0.6931471805599453, rng.random(8) + 0.5, 5, 41)
     params, meta = encode_up(local)
+    meta["fingerprint"] = "0123456789abcdef"  # every result carries its projection's fingerprint
     metrics = {"n_dev": 20.0, "n_train": 20.0, "dev_loss": 0.6931471805599453, "dev_acc": 0.55,
                "test_loss": 0.7012345678901234, "test_acc": 0.5123456789012345, "local_fitness": 0.6543210987654321,
                "local_sigma": 0.9876543210987654, "seconds": 12.345678901234567}  # fmt: skip
@@ -201,7 +218,7 @@ def test_down_message_at_d500_fits_8kb_on_the_wire(nvflare_wire):
 
 @pytest.fixture
 def state4():
-    return init_state(4, 1.0, 1)  # max step 1e3 * sigma * sqrt(4) = 2000
+    return init_state(4, 1.0, 1)
 
 
 def test_check_result_accepts_a_good_result(state4):
@@ -231,20 +248,38 @@ def test_check_result_rejects_bad_sigmas(state4, sigmas):
     assert check_result(result(np.zeros(4), 0.5, sigmas), state4) is not None
 
 
-def test_check_result_rejects_zero_popsize(state4):
-    assert check_result(result(np.zeros(4), 0.5, popsize=0), state4) is not None
+@pytest.mark.parametrize("sigmas, ok", [([0.11, 9.9], True), ([0.09, 1.0], False), ([1.0, 10.1], False)])
+def test_check_result_sigmas_within_a_factor_10_of_the_broadcast(state4, sigmas, ok):
+    reason = check_result(result(np.zeros(4), 0.5, sigmas), state4)
+    assert (reason is None) == ok
+    if not ok:
+        assert "factor 10 of the broadcast sigma 1" in reason
+
+
+def test_check_result_rejects_small_popsize(state4):
+    assert check_result(result(np.zeros(4), 0.5, popsize=1), state4) is not None
+
+
+def test_check_result_holds_sites_to_the_first_sites_popsize_and_generations(state4):
+    first = replace(state4, local_popsize=5, local_iter=2)
+    assert check_result(result(np.zeros(4), 0.5, [1.0, 1.0]), first) is None
+    assert "--local_iter 2" in check_result(result(np.zeros(4), 0.5, [1.0, 1.0, 1.0]), first)
+    assert "--local_popsize" in check_result(result(np.zeros(4), 0.5, [1.0, 1.0], popsize=10), first)
 
 
 def test_check_result_step_threshold(state4):
-    # threshold: max_step * sigma * sqrt(d) = 1000 * 1 * 2 = 2000
-    assert check_result(result([1999.0, 0.0, 0.0, 0.0], 0.5), state4) is None
-    reason = check_result(result([3000.0, 0.0, 0.0, 0.0], 0.5), state4)
-    assert reason is not None and "step" in reason
+    # an honest step without signal: sigma * sqrt(kappa * T * d) = 1 * sqrt(0.606 * 2 * 4) = 2.2; bound 10x that
+    bound = MAX_STEP * math.sqrt(hand_kappa(5) * 2 * 4)
+    assert bound == pytest.approx(22.02, abs=0.01)
+    assert check_result(result([bound - 0.01, 0.0, 0.0, 0.0], 0.5), state4) is None
+    reason = check_result(result([bound + 0.01, 0.0, 0.0, 0.0], 0.5), state4)
+    assert reason is not None and "step norm" in reason
     # measured from the current mean, not from the origin
     moved = replace(state4, mean=np.array([3000.0, 0.0, 0.0, 0.0]))
     assert check_result(result([3001.0, 0.0, 0.0, 0.0], 0.5), moved) is None
-    # and a smaller max_step tightens it: 10 * 1 * 2 = 20
-    assert check_result(result([21.0, 0.0, 0.0, 0.0], 0.5), state4, max_step=10) is not None
+    # twice the broadcast sigma allows twice the step; a smaller max_step tightens it
+    assert check_result(result([2 * bound - 0.1, 0.0, 0.0, 0.0], 0.5, [2.0, 2.0]), replace(state4, sigma=2.0)) is None
+    assert check_result(result([bound / 2 + 0.1, 0.0, 0.0, 0.0], 0.5), state4, max_step=MAX_STEP / 2) is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,19 +287,21 @@ def test_check_result_step_threshold(state4):
 
 
 def test_derive_seed_differs_per_site_and_round_and_is_in_range():
-    seeds = [derive_seed(42, site, rnd) for site in range(10) for rnd in range(10)]
+    seeds = [derive_seed(42, f"site-{site}", rnd) for site in range(10) for rnd in range(10)]
     assert len(set(seeds)) == 100
     assert all(isinstance(s, int) and 1 <= s <= 2**31 - 1 for s in seeds)
-    assert derive_seed(42, 3, 4) == derive_seed(42, 3, 4)
-    assert derive_seed(42, 3, 4) != derive_seed(43, 3, 4)
+    assert derive_seed(42, "site-3", 4) == derive_seed(42, "site-3", 4)
+    assert derive_seed(42, "site-3", 4) != derive_seed(43, "site-3", 4)
+    # any site name works (site-local deployments), and names that look alike get different streams
+    assert derive_seed(42, "hospital-a", 0) != derive_seed(42, "hospital-b", 0)
 
 
 def test_derive_seed_shared_is_one_seed_per_job():
-    shared = {derive_seed(42, site, rnd, shared=True) for site in range(5) for rnd in range(5)}
+    shared = {derive_seed(42, f"site-{site}", rnd, shared=True) for site in range(5) for rnd in range(5)}
     assert len(shared) == 1
     (seed,) = shared
     assert 1 <= seed <= 2**31 - 1
-    assert derive_seed(7, 0, 0, shared=True) != seed
+    assert derive_seed(7, "site-1", 0, shared=True) != seed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,17 +419,39 @@ SITES4 = [
 ]
 
 
+@pytest.mark.parametrize("popsize", [4, 5, 6, 10, 20])
+def test_no_signal_step_variance_is_one_over_mu_eff(popsize):
+    assert no_signal_step_variance(popsize) == pytest.approx(hand_kappa(popsize), rel=1e-12)
+    assert no_signal_step_variance(5) == pytest.approx(0.606, abs=1e-3)
+
+
+def test_local_search_without_signal_moves_the_mean_by_kappa_times_its_sigmas():
+    """The calibration's premise, measured: on random fitness, E|m_T - m_0|^2 / d = kappa * sum(sigma_t^2)."""
+    d, runs = 64, 150
+    rng = np.random.default_rng(0)
+    start = GlobalPrompt(np.zeros(d), 0.7, np.ones(d))
+    moved = total = 0.0
+    for run in range(runs):
+        res = local_search(lambda z: rng.random(len(z)), start, 5, 8, seed=run + 1)
+        moved += float(np.mean(res.mean**2))
+        total += float(np.sum(res.sigmas**2))
+        assert res.sigmas[0] == 0.7  # the first generation samples with the broadcast sigma
+    assert moved / total == pytest.approx(hand_kappa(5), rel=0.05)
+
+
 def test_corrected_sigma_eq6_by_hand():
-    # better half = sites with fitness 0.1 and 0.2: 5 + 5 = 10; 2 * sqrt(10 / (4 * 5)) = 2 * sqrt(0.5)
-    assert corrected_sigma(SITES4, "eq6") == pytest.approx(math.sqrt(2.0), rel=1e-12)
+    # better half = sites with fitness 0.1 and 0.2: mean sum of sigma^2 = 5; sqrt(kappa * 5)
+    assert corrected_sigma(SITES4, "eq6") == pytest.approx(math.sqrt(hand_kappa(5) * 5), rel=1e-12)
     # the order in which the results arrive does not matter
-    assert corrected_sigma(SITES4[::-1], "eq6") == pytest.approx(math.sqrt(2.0), rel=1e-12)
+    assert corrected_sigma(SITES4[::-1], "eq6") == pytest.approx(math.sqrt(hand_kappa(5) * 5), rel=1e-12)
 
 
-def test_corrected_sigma_eq6_single_site():
-    # K = 1: the better half is that site; 2 * sqrt((0.25 + 0.16) / (1 * 4))
+def test_corrected_sigma_eq6_averages_the_better_half_for_odd_k():
+    # K = 3: the better half is the best site alone (2); Eq. 6 as printed would divide its sum by 3 sites
+    three = SITES4[:3]
+    assert corrected_sigma(three, "eq6") == pytest.approx(math.sqrt(hand_kappa(5) * 5), rel=1e-12)
     one = [result(np.zeros(2), 0.5, [0.5, 0.4], popsize=4)]
-    assert corrected_sigma(one, "eq6") == pytest.approx(2 * math.sqrt(0.41 / 4), rel=1e-12)
+    assert corrected_sigma(one, "eq6") == pytest.approx(math.sqrt(hand_kappa(4) * 0.41), rel=1e-12)
 
 
 def test_corrected_sigma_example_by_hand():
@@ -424,7 +483,8 @@ def known_state(covariance: str = "diag") -> ServerState:
 
 
 def known_results(fitnesses) -> list[LocalResult]:
-    sigmas = ([0.5, 0.4], [0.6, 0.3], [0.2, 0.2])
+    """Steps of honest length for their local sigmas, so that no clipping interferes."""
+    sigmas = ([2.5, 2.0], [3.0, 1.5], [1.0, 1.0])
     return [result(m, f, s) for m, f, s in zip(MEANS, fitnesses, sigmas)]
 
 
@@ -466,6 +526,38 @@ def test_server_update_follows_the_fitnesses():
 def test_server_update_needs_results():
     with pytest.raises(ValueError):
         server_update(known_state(), [])
+
+
+def test_tied_fitnesses_share_their_weights_whatever_the_order():
+    w = hand_weights(4)
+    got = recombination_weights([0.3, 0.1, 0.3, 0.2])
+    np.testing.assert_allclose(got, [(w[2] + w[3]) / 2, w[0], (w[2] + w[3]) / 2, w[1]], rtol=1e-12)
+    np.testing.assert_allclose(recombination_weights([0.5, 0.5, 0.5]), [1 / 3] * 3, rtol=1e-12)
+    # sites named site-1, site-10, site-2 with one fitness: the update does not depend on their order
+    results = known_results([0.2, 0.2, 0.2])
+    a = server_update(known_state(), results)
+    b = server_update(known_state(), results[::-1])
+    np.testing.assert_allclose(a.mean, b.mean, rtol=1e-12)
+    np.testing.assert_allclose(a.mean, OLD_MEAN + np.mean([m - OLD_MEAN for m in MEANS], axis=0), rtol=1e-12)
+
+
+def test_an_absurd_step_is_clipped_to_three_honest_ones():
+    """A site 1,000 honest steps away, with the best fitness, moves the mean no further than clip_length."""
+    d = 50
+    state = init_state(d, 1.0, 0)
+    rng = np.random.default_rng(3)
+    sigmas = np.ones(8)
+    sigma_c = math.sqrt(hand_kappa(5) * 8)  # the corrected sigma of sites that all report these sigmas
+    honest = [result(sigma_c * rng.standard_normal(d), 0.5 + i, sigmas) for i in range(3)]
+    absurd = result(1000 * sigma_c * np.ones(d), 0.0, sigmas)
+    update = update_with_clipping(state, [absurd, *honest])
+    assert clip_length(d) == CLIP_LENGTH * math.sqrt(d)
+    np.testing.assert_allclose(update.clipped[0], clip_length(d) / (1000 * math.sqrt(d)), rtol=1e-9)
+    assert list(update.clipped[1:]) == [1.0, 1.0, 1.0]  # honest steps (length about sqrt(d)) pass untouched
+    w = hand_weights(4)
+    step = update.state.mean - state.mean
+    own = w[1:] @ np.stack([h.mean for h in honest])
+    np.testing.assert_allclose(np.linalg.norm(step - own), w[0] * sigma_c * clip_length(d), rtol=1e-9)
 
 
 def csa_first_round_ratio(n: int, k: int) -> float:
@@ -608,3 +700,18 @@ def test_projection_scale_formula():
     # alpha * std / (sqrt(d) * sigma0) = 2 * 0.5 / (10 * 0.5) = 0.2
     assert projection_scale(0.5, 100, 0.5, alpha=2.0) == pytest.approx(0.2)
     assert projection_scale(0.3, 4, 1.5) == pytest.approx(0.1)
+
+
+def test_projection_fingerprint_tells_projections_apart():
+    description = {"seed": 3, "intrinsic_dim": 8, "n_prompt_tokens": 2, "hidden_size": 4, "projection_scale": 0.5}
+    a = projection(3, 8, 8, 0.5)
+    same = projection_fingerprint(dict(reversed(description.items())), a.copy())  # key order does not matter
+    assert projection_fingerprint(description, a) == same and len(same) == 16
+    assert projection_fingerprint({**description, "seed": 4}, a) != same
+    assert projection_fingerprint({**description, "projection_scale": 0.51}, a) != same
+    b = a.copy()
+    b[0, 0] += 1e-3
+    assert projection_fingerprint(description, b) != same  # the matrix itself is part of it
+    b = a.copy()
+    b[5] += 1.0
+    assert projection_fingerprint(description, b) == same  # only its first rows are

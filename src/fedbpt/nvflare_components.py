@@ -27,11 +27,8 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 from nvflare.fuel.utils import fobs
 
-from .search import COVARIANCES, STEP_RULES, ServerState, decode_up, encode_down, init_state, load_state
+from .search import COVARIANCES, MAX_STEP, STEP_RULES, ServerState, decode_up, encode_down, init_state, load_state
 from .server import STATE_FILE, RunRecorder, SiteReport, aggregate_round
-
-PROMPT_INFO_KEYS = ("model_name", "task_name", "seed", "n_prompt_tokens", "hidden_size", "projection_scale",
-                    "cat_or_add")  # fmt: skip
 
 
 def wire_bytes(shareable: Shareable) -> int:
@@ -99,28 +96,43 @@ class FedBPTShareableGenerator(ShareableGenerator):
 
 
 class FedBPTAggregator(Aggregator):
-    """Collects the sites' local means and fitnesses and runs the global CMA-ES update on them."""
+    """Collects the sites' local means and fitnesses and runs the global CMA-ES update on them.
 
-    def __init__(self, step_rule: str = "eq6", max_step: float = 1e3):
+    Every result it cannot use is named in that round's metrics row with the reason: a task that failed,
+    an answer to another round, a malformed message, an error the site reported, or what
+    ``server.check_report`` refuses. A site heard from before that does not answer is named as missing."""
+
+    def __init__(self, step_rule: str = "eq6", max_step: float = MAX_STEP):
         super().__init__()
         if step_rule not in STEP_RULES:
             raise ValueError(f"aggregator step_rule must be one of {STEP_RULES}, got {step_rule!r}")
+        if not max_step > 0:
+            raise ValueError(f"aggregator max_step must be > 0, got {max_step}")
         self.step_rule, self.max_step = step_rule, float(max_step)
-        self.reports: list[SiteReport] = []
+        self.reports: list[SiteReport] = []  # in the order they arrived
+        self.refused: dict[str, str] = {}
+        self.descriptions: dict[str, dict] = {}  # each site's description, sent with its first result
+        self.known_sites: set[str] = set()
         self.round_started = time.perf_counter()
         self.recorder: RunRecorder | None = None  # made on first use: the run dir is known only then
-        self.prompt_info: dict | None = None  # how to turn z into the soft prompt, from the sites
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if event_type == AppEventType.ROUND_STARTED:
             self.round_started = time.perf_counter()
+
+    def refuse(self, site: str, reason: str, fl_ctx: FLContext | None = None) -> None:
+        """Leave ``site`` out of this round, and say why in the log and the metrics row."""
+        self.known_sites.add(site)
+        self.refused[site] = reason
+        if fl_ctx is not None:
+            self.log_warning(fl_ctx, f"leaving out {site}: {reason}")
 
     def accept(self, shareable: Shareable, fl_ctx: FLContext) -> bool:
         site = shareable.get_peer_prop(ReservedKey.IDENTITY_NAME, "?")
         current = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
         contributed = shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND)
         if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
-            self.log_warning(fl_ctx, f"{site} returned {shareable.get_return_code()}; result ignored")
+            self.refuse(site, f"its task ended with {shareable.get_return_code()}", fl_ctx)
             return False
         if contributed is not None and contributed != current:
             self.log_warning(fl_ctx, f"{site} answered round {contributed} in round {current}; result ignored")
@@ -128,38 +140,52 @@ class FedBPTAggregator(Aggregator):
         try:
             model = FLModelUtils.from_shareable(shareable)
             meta = model.meta or {}
+            if meta.get("error"):
+                self.refuse(site, f"the site stopped: {meta['error']}", fl_ctx)
+                return False
             result = decode_up(model.params or {}, meta)
+            metrics = {k: float(v) for k, v in (model.metrics or {}).items()}
         except (ValueError, TypeError, KeyError) as e:
-            self.log_warning(fl_ctx, f"malformed result from {site}: {e}")
+            self.refuse(site, f"malformed result: {e}", fl_ctx)
             return False
-        if all(k in meta for k in PROMPT_INFO_KEYS):  # sites send it with their first result only
-            self.prompt_info = {k: meta[k] for k in PROMPT_INFO_KEYS}
-        metrics = {k: float(v) for k, v in (model.metrics or {}).items()}
-        self.reports.append(SiteReport(site, result, metrics, bytes_up=wire_bytes(shareable)))
+        if isinstance(meta.get("description"), dict):  # sites send it with their first result only
+            self.descriptions[site] = dict(meta["description"])
+        self.known_sites.add(site)
+        self.reports.append(SiteReport(site, result, metrics, bytes_up=wire_bytes(shareable),
+                                       fingerprint=str(meta.get("fingerprint", "")),
+                                       description=self.descriptions.get(site, {})))  # fmt: skip
         return True
 
     def aggregate(self, fl_ctx: FLContext) -> Shareable:
         state = _state(fl_ctx.get_prop(AppConstants.GLOBAL_MODEL))
-        reports = sorted(self.reports, key=lambda r: r.site)
-        self.reports = []
-        new_state, row = aggregate_round(state, reports, self.step_rule, self.max_step)
+        reports, refused = self.reports, self.refused
+        self.reports, self.refused = [], {}
+        try:
+            new_state, row = aggregate_round(state, reports, self.step_rule, self.max_step, refused,
+                                             expected=sorted(self.known_sites))  # fmt: skip
+        except RuntimeError as e:
+            self.log_error(fl_ctx, str(e))
+            raise
+        used = set(row["sites"])
         row.update(
-            bytes_up=[r.bytes_up for r in reports],
+            bytes_up=[r.bytes_up for r in sorted(reports, key=lambda r: r.site) if r.site in used],
             bytes_down=wire_bytes(_broadcast(state)),
             seconds=round(time.perf_counter() - self.round_started, 3),
         )
         self.recorder = self.recorder or RunRecorder(run_dir(fl_ctx))
-        self.recorder.record(row, new_state, self.prompt_info)
+        self.recorder.record(row, new_state, self.descriptions.get(new_state.fingerprint_site))
         self.log_info(
             fl_ctx,
             f"round {row['round']}: dev loss {row['dev_loss']:.4f} acc {row['dev_acc']:.4f}"
             + (f", test acc {row['test_acc']:.4f}" if row["test_acc"] is not None else "")
-            + f", sigma {row['sigma']:.4g} -> {row['next_sigma']:.4g}, {len(row['sites'])} sites",
+            + f", sigma {row['sigma']:.4g} -> {row['next_sigma']:.4g}, {len(row['sites'])} sites"
+            + "".join(f"; left out {site}: {why}" for site, why in row["dropped"].items())
+            + (f"; missing {', '.join(row['missing'])}" if row["missing"] else ""),
         )
         return DXO(DataKind.WEIGHTS, data=new_state.to_arrays()).to_shareable()
 
     def reset(self, fl_ctx: FLContext) -> None:
-        self.reports = []
+        self.reports, self.refused = [], {}
 
 
 class FedBPTScatterAndGather(ScatterAndGather):
@@ -196,6 +222,14 @@ class FedBPTScatterAndGather(ScatterAndGather):
         if patience < 0:
             raise ValueError(f"patience must be >= 0, got {patience}")
         self.patience = int(patience)
+
+    def _accept_train_result(self, client_name: str, result: Shareable, fl_ctx: FLContext,
+                             is_unknown_task: bool = False) -> bool:  # fmt: skip
+        # ScatterAndGather drops a failed task before the aggregator sees it: tell the aggregator who and why.
+        rc = result.get_return_code()
+        if rc and rc != ReturnCode.OK and not is_unknown_task and hasattr(self.aggregator, "refuse"):
+            self.aggregator.refuse(client_name, f"its task ended with {rc}")
+        return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         super().handle_event(event_type, fl_ctx)

@@ -24,6 +24,7 @@ class Task:
     label_field: str = "label"
     test_split: str = "test"  # GLUE test labels are hidden: the papers evaluate on validation
     metric: str = "acc"  # "acc" or "f1" (positive class = label 1)
+    literal_newlines: bool = False  # the text holds "\n" as two characters (Yelp): read them as a space
 
     @property
     def num_labels(self) -> int:
@@ -42,7 +43,13 @@ TASKS: dict[str, Task] = {
     t.name: t
     for t in [
         Task(name="sst2", hf_path="nyu-mll/glue", hf_name="sst2", test_split="validation", **_SENTIMENT),
-        Task(name="yelpp", hf_path="fancyzhx/yelp_polarity", hf_name=None, **{**_SENTIMENT, "text_fields": ("text",)}),
+        Task(
+            name="yelpp",
+            hf_path="fancyzhx/yelp_polarity",
+            hf_name=None,
+            literal_newlines=True,
+            **{**_SENTIMENT, "text_fields": ("text",)},
+        ),
         Task(
             name="agnews",
             hf_path="fancyzhx/ag_news",

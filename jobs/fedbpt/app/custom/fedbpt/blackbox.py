@@ -1,10 +1,13 @@
 """The frozen model as a black box: prompt z -> class scores, by forward passes only.
 
-A fixed projection A turns z (d floats) into L soft-prompt vectors; a forward hook on the model's
-input-embedding module adds them to (``add``) or puts them in place of (``cat``) the embeddings of L
-placeholder tokens that sit in the token ids themselves. No Hugging Face modeling code is copied or
-patched. Every candidate of a generation and every example go through the model in one batch,
-chunked by a token budget; only the answer position goes through the LM head.
+A fixed projection A turns z (d floats) into L soft-prompt vectors; a forward hook adds them to (``add``)
+or puts them in place of (``cat``) the hidden states of L placeholder tokens that sit in the token ids
+themselves. Where the hook sits follows BBT and the paper: on BERT/RoBERTa-family models (masked LMs and
+sentence encoders) at the output of the embeddings block (word + position + type embeddings, after its
+LayerNorm); on decoder-only models, which have no normalisation there, at the input embeddings. No
+Hugging Face modeling code is copied or patched. Every candidate of a generation and every example go
+through the model in one batch, chunked by a token budget; only the answer position goes through the LM
+head.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Split
-from .search import projection, projection_scale
+from .search import projection, projection_fingerprint, projection_scale
 from .tasks import Task
 
 log = logging.getLogger(__name__)
@@ -27,6 +30,11 @@ log = logging.getLogger(__name__)
 MODEL_KINDS = ("mlm", "causal", "encoder")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PLACEHOLDER_START = 1000  # BBT's prompt tokens: vocabulary ids 1000 .. 1000 + L - 1
+# Where the prompt is added: "embeddings", the embeddings block's output (BBT's place), or
+# "word_embeddings", the input-embedding module (the only place a decoder-only model offers).
+PROMPT_PLACES = ("auto", "embeddings", "word_embeddings")
+# What "auto" means for each kind of model. The sentence encoders' choice is measured: see the README.
+AUTO_PLACE = {"mlm": "embeddings", "encoder": "embeddings", "causal": "word_embeddings"}
 _SLOT = re.compile(r"(\{prompt\}|\{mask\}|\{text\d\})")
 
 
@@ -35,7 +43,7 @@ class BlackBoxConfig:
     model_name: str
     task: Task
     n_prompt_tokens: int = 50
-    intrinsic_dim: int = 500
+    intrinsic_dim: int | None = 500  # None: known only from the server's first message (see use_dim)
     seed: int = 42
     cat_or_add: str = "add"
     model_type: str = "auto"  # mlm | causal | encoder | auto (from the model's config)
@@ -49,6 +57,7 @@ class BlackBoxConfig:
     token_budget: int = 16384  # most tokens (sequences x padded length) in one forward
     label_scale: float = 20.0  # sentence encoders: class score = cosine similarity x this
     gguf_file: str | None = None
+    prompt_at: str = "auto"  # one of PROMPT_PLACES
 
 
 @dataclass
@@ -64,6 +73,12 @@ class Batch:
 
     def __len__(self) -> int:
         return self.ids.shape[0]
+
+    @property
+    def prompt_positions(self) -> torch.Tensor:
+        """(n, L) int64: each row's placeholder positions, in order."""
+        n = self.prompt.shape[0]
+        return self.prompt.nonzero()[:, 1].view(n, -1)
 
     def concat(self, other: Batch) -> Batch:
         t = max(self.ids.shape[1], other.ids.shape[1])
@@ -145,6 +160,8 @@ class BlackBox:
 
         if cfg.cat_or_add not in ("add", "cat"):
             raise ValueError(f"--cat_or_add {cfg.cat_or_add!r}: choose add or cat")
+        if cfg.prompt_at not in PROMPT_PLACES:
+            raise ValueError(f"--prompt_at {cfg.prompt_at!r}: choose one of {', '.join(PROMPT_PLACES)}")
         if cfg.dtype not in DTYPES:
             raise ValueError(f"--dtype {cfg.dtype!r}: choose one of {list(DTYPES)}")
         self.cfg = cfg
@@ -169,20 +186,66 @@ class BlackBox:
         embedding = self.model.get_input_embeddings()
         self.hidden = embedding.weight.shape[1]
         self.vocab_size = embedding.weight.shape[0]
-        self.scale = projection_scale(float(embedding.weight.float().std()), cfg.intrinsic_dim, cfg.sigma, cfg.alpha)
-        a = projection(cfg.seed, cfg.intrinsic_dim, cfg.n_prompt_tokens * self.hidden, self.scale)
-        self.projection = torch.from_numpy(a).to(self.device)
-        self._active: tuple[torch.Tensor, torch.Tensor] | None = None  # (prompt mask, prompts) of a forward
+        # float64 on the CPU: every site, whatever its device and dtype, gets the same figure
+        self.embedding_std = float(embedding.weight.detach().to("cpu", torch.float64).std())
+        self.prompt_at, hooked = self._hook_place(cfg.prompt_at)
+        self._active: tuple[torch.Tensor, torch.Tensor] | None = None  # (prompt positions, prompts) of a forward
         self.examples_scored = 0  # (candidate, example) pairs through the model: the cost of a search
-        embedding.register_forward_hook(self._inject)
+        hooked.register_forward_hook(self._inject)
+        self.dim: int | None = None
+        self.scale, self.fingerprint = None, ""
+        if cfg.intrinsic_dim is not None:
+            self.use_dim(cfg.intrinsic_dim)
 
         self.special_ids = set(self.tokenizer.all_special_ids)
         self.placeholder_ids = [(PLACEHOLDER_START + i) % self.vocab_size for i in range(cfg.n_prompt_tokens)]
         self.max_length = self._max_length(config)
         self.label_ids = self._label_ids() if self.kind != "encoder" else None
         self.label_embeddings = self._label_embeddings() if self.kind == "encoder" else None
-        log.info("loaded %s (%s, hidden %d, vocab %d) on %s; projection scale %.3g",
-                 cfg.model_name, self.kind, self.hidden, self.vocab_size, self.device, self.scale)  # fmt: skip
+        log.info("loaded %s (%s, hidden %d, vocab %d) on %s; prompt added at the %s output",
+                 cfg.model_name, self.kind, self.hidden, self.vocab_size, self.device, self.prompt_at)  # fmt: skip
+
+    def _hook_place(self, prompt_at: str) -> tuple[str, torch.nn.Module]:
+        """The resolved ``--prompt_at`` and the module whose output receives the prompt."""
+        place = AUTO_PLACE[self.kind] if prompt_at == "auto" else prompt_at
+        if place == "word_embeddings":
+            return place, self.model.get_input_embeddings()
+        block = getattr(self.body, "embeddings", None)
+        if not isinstance(block, torch.nn.Module):
+            raise ValueError(
+                f"--prompt_at embeddings: {self.cfg.model_name} ({type(self.body).__name__}) has no embeddings "
+                "block; use --prompt_at word_embeddings"
+            )
+        return place, block
+
+    def use_dim(self, dim: int) -> None:
+        """Build the projection A for z of dimension ``dim`` (the server's intrinsic_dim), with BBT's scale.
+
+        The scale is rounded to 4 significant digits so that sites whose float arithmetic differs in the
+        last bits (other devices, thread counts or dtypes) still build, and fingerprint, the same A."""
+        if dim == self.dim:
+            return
+        cfg = self.cfg
+        self.dim = int(dim)
+        self.scale = float(f"{projection_scale(self.embedding_std, self.dim, cfg.sigma, cfg.alpha):.4g}")
+        a = projection(cfg.seed, self.dim, cfg.n_prompt_tokens * self.hidden, self.scale)
+        self.fingerprint = projection_fingerprint(self._projection_key(), a)
+        self.projection = torch.from_numpy(a).to(self.device)
+
+    def _projection_key(self) -> dict:
+        """What makes A and how it enters the model. The model enters by its hidden size and the standard
+        deviation of its embeddings (in the scale), not by its path, which may differ from site to site."""
+        return {"seed": self.cfg.seed, "intrinsic_dim": self.dim, "n_prompt_tokens": self.cfg.n_prompt_tokens,
+                "hidden_size": self.hidden, "projection_scale": self.scale, "prompt_at": self.prompt_at,
+                "cat_or_add": self.cfg.cat_or_add}  # fmt: skip
+
+    def description(self) -> dict:
+        """Enough to turn z into the soft prompt and use it without the federation, and the fingerprint
+        that every site of a run must share."""
+        return {**self._projection_key(), "model_name": self.cfg.model_name, "model_type": self.kind,
+                "task_name": self.task.name, "verbalizer_space": int(self.cfg.verbalizer_space),
+                "label_scale": self.cfg.label_scale, "gguf_file": self.cfg.gguf_file,
+                "fingerprint": self.fingerprint}  # fmt: skip
 
     # ------------------------------------------------------------------------------------------
     # Tokenisation
@@ -332,17 +395,22 @@ class BlackBox:
     def _inject(self, module, inputs, output):
         if self._active is None:
             return None
-        mask, prompts = self._active
-        rows = prompts.reshape(-1, self.hidden).to(output.dtype)
+        positions, prompts = self._active  # (B, L) placeholder positions, (B, L, H) each row's prompt
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        prompts = prompts.to(output.dtype)
         if self.cfg.cat_or_add == "add":
-            output[mask] = output[mask] + rows
+            output[rows, positions] += prompts
         else:
-            output[mask] = rows
+            output[rows, positions] = prompts
         return output
 
     def prompts(self, z: np.ndarray) -> torch.Tensor:
         """Soft prompts (P, L, H) for a batch of z (P, d)."""
         z = torch.as_tensor(np.atleast_2d(z), dtype=torch.float32, device=self.device)
+        if self.dim is None:
+            raise RuntimeError("the projection is not built yet: call use_dim with the server's intrinsic_dim")
+        if z.shape[1] != self.dim:
+            raise ValueError(f"z has {z.shape[1]} dimensions, the projection takes --intrinsic_dim {self.dim}")
         return (z @ self.projection).view(len(z), self.cfg.n_prompt_tokens, self.hidden)
 
     @torch.inference_mode()
@@ -366,7 +434,7 @@ class BlackBox:
         t = int(batch.attention[ex].sum(1).max())
         dev = self.device
         ids, attention = batch.ids[ex, :t].to(dev), batch.attention[ex, :t].to(dev)
-        self._active = (batch.prompt[ex, :t].to(dev), prompts)
+        self._active = (batch.prompt_positions[ex].to(dev), prompts)
         try:
             hidden = self.body(input_ids=ids, attention_mask=attention.long()).last_hidden_state
         finally:

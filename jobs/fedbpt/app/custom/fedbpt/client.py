@@ -57,7 +57,23 @@ def blackbox_config(cfg: ClientConfig) -> BlackBoxConfig:
         token_budget=cfg.token_budget,
         label_scale=cfg.label_scale,
         gguf_file=cfg.gguf_file,
+        prompt_at=cfg.prompt_at,
     )
+
+
+class ServerMismatch(ValueError):
+    """The site's settings cannot work with the server's search state; the site must stop."""
+
+
+def check_server_state(cfg: ClientConfig, start: GlobalPrompt) -> None:
+    """Refuse a server state that this site's flags cannot work with: the server's message carries the
+    search dimension, and a site that asked for another one names both settings."""
+    if cfg.intrinsic_dim is not None and cfg.intrinsic_dim != start.dim:
+        raise ServerMismatch(
+            f"--intrinsic_dim {cfg.intrinsic_dim} in this site's app_config differs from intrinsic_dim {start.dim} "
+            "of the server's search state (config_fed_server.conf, or the checkpoint it resumed from); give "
+            "both the same value, or leave --intrinsic_dim out of app_config to take the server's"
+        )
 
 
 class FedBPTClient:
@@ -81,17 +97,17 @@ class FedBPTClient:
         log.info("%s: %d train examples (per class %s), %d dev, %s test", site, len(self.train),
                  counts.tolist(), len(self.dev), len(self.test) if self.test is not None else "no")  # fmt: skip
 
-    def prompt_info(self) -> dict:
-        """What the server needs to turn z into the soft prompt (L x H) without the model."""
-        return {
-            "model_name": self.cfg.model_name,
-            "task_name": self.cfg.task_name,
-            "seed": self.cfg.seed,
-            "n_prompt_tokens": self.cfg.n_prompt_tokens,
-            "hidden_size": self.blackbox.hidden,
-            "projection_scale": self.blackbox.scale,
-            "cat_or_add": self.cfg.cat_or_add,
-        }
+    def description(self) -> dict:
+        """What the server needs once: how to turn z into the soft prompt (L x H) and use it without the
+        federation, the projection's fingerprint, and the sizes it checks the site's reports against."""
+        task = get_task(self.cfg.task_name)
+        return {**self.blackbox.description(), "k_shot": self.cfg.k_shot, "num_labels": task.num_labels,
+                "local_popsize": self.cfg.local_popsize, "local_iter": self.cfg.local_iter}  # fmt: skip
+
+    def accept(self, start: GlobalPrompt) -> None:
+        """Take the search dimension from the server's message; a site that asked for another one stops."""
+        check_server_state(self.cfg, start)
+        self.blackbox.use_dim(start.dim)
 
     def evaluate(self, z: np.ndarray) -> dict[str, float]:
         """The received prompt's dev loss and metric on this site's dev shard (and test, if an evaluator)."""
@@ -102,12 +118,17 @@ class FedBPTClient:
             metrics["n_test"] = float(len(self.test))
         return metrics
 
-    def run_round(self, start: GlobalPrompt, round_: int) -> tuple[LocalResult, dict[str, float]]:
-        """Evaluate the global prompt, then search locally from it; returns the result and metrics."""
+    def run_round(self, start: GlobalPrompt) -> tuple[LocalResult, dict[str, float]]:
+        """Evaluate the global prompt, then search locally from it; returns the result and metrics.
+
+        The random stream comes from (job seed, site name, the server's round), so a job resumed from a
+        checkpoint continues the streams instead of replaying round 0's."""
         t0 = time.perf_counter()
+        self.accept(start)
+        round_ = start.round
         metrics = self.evaluate(start.mean)
         shared = self.cfg.random_stream == "shared"
-        seed = derive_seed(self.cfg.seed, self.index, round_, shared=shared)
+        seed = derive_seed(self.cfg.seed, self.site, round_, shared=shared)
         perturbed: Batch | None = None
         if self.cfg.perturb:
             rng = np.random.default_rng(seed)  # one perturbed copy per round

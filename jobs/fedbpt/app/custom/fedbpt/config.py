@@ -16,7 +16,6 @@ from .tasks import TASKS, get_task
 DEFAULT_TASK = "sst2"
 DEFAULT_MODEL = "roberta-large"
 DEFAULT_PROMPT_TOKENS = 50
-DEFAULT_INTRINSIC_DIM = 500
 DEFAULT_K_SHOT = 16
 DEFAULT_LOCAL_ITER = 8
 DEFAULT_LOCAL_POPSIZE = 5
@@ -30,7 +29,7 @@ class ClientConfig:
     task_name: str = DEFAULT_TASK
     model_name: str = DEFAULT_MODEL
     n_prompt_tokens: int = DEFAULT_PROMPT_TOKENS
-    intrinsic_dim: int = DEFAULT_INTRINSIC_DIM
+    intrinsic_dim: int | None = None  # None: the server's
     k_shot: int = DEFAULT_K_SHOT
     device: str = "auto"
     seed: int = 42
@@ -57,6 +56,7 @@ class ClientConfig:
     verbalizer_space: int = 0
     random_stream: str = "per_site"
     label_scale: float = 20.0
+    prompt_at: str = "auto"
 
     @property
     def evaluators(self) -> list[str]:
@@ -78,7 +78,7 @@ _HELP = {
     "task_name": f"task: {', '.join(TASKS)}",
     "model_name": "Hugging Face hub id or local model directory (masked LM, causal LM or sentence encoder)",
     "n_prompt_tokens": "L, number of soft-prompt tokens",
-    "intrinsic_dim": "d, dimension of the searched vector z",
+    "intrinsic_dim": "d, dimension of the searched vector z (default: the server's intrinsic_dim)",
     "k_shot": "examples per class in the train pool, and as many again in the dev pool (all sites together)",
     "device": "cpu, cuda, cuda:N or auto",
     "seed": "job seed: data pools, site shards, projection and search streams derive from it",
@@ -86,7 +86,7 @@ _HELP = {
     "cat_or_add": "add A z to the placeholder embeddings, or put it in their place (cat)",
     "local_iter": "local CMA-ES generations per round",
     "local_popsize": "candidates per local generation",
-    "num_users": "number of sites the data is split over (sites are named site-1..site-N)",
+    "num_users": "sites the data is split over (named site-1..site-N); 1: each site uses all of its own data",
     "iid": "1: IID split; 0: Dirichlet(--alpha_dir) label skew",
     "alpha_dir": "Dirichlet concentration of the non-IID split",
     "perturb": "1: fitness = loss(clean) / loss(perturbed copy)",
@@ -105,6 +105,8 @@ _HELP = {
     "verbalizer_space": "masked LMs: 1 reads the space-prefixed label word (e.g. 'Ġgreat'), 0 the bare one",
     "random_stream": "per_site: a search stream per (seed, site, round); shared: one stream (public example)",
     "label_scale": "sentence encoders: class score = cosine similarity x this",
+    "prompt_at": "where A z is added: embeddings (the embeddings block's output, BBT's place), word_embeddings "
+    "(the input embeddings) or auto (embeddings, but word_embeddings for decoder-only models)",
 }
 
 _CHOICES = {
@@ -119,20 +121,28 @@ _CHOICES = {
     "dtype": ["float32", "bfloat16", "float16"],
     "verbalizer_space": [0, 1],
     "random_stream": ["per_site", "shared"],
+    "prompt_at": ["auto", "embeddings", "word_embeddings"],
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="FedBPT site: federated black-box prompt tuning")
+    parser = argparse.ArgumentParser(description="FedBPT site: federated black-box prompt tuning", exit_on_error=False)
     for f in fields(ClientConfig):
-        kind = {"int": int, "float": float}.get(str(f.type), str)
+        kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
         parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=_HELP[f.name],
                             choices=_CHOICES.get(f.name))  # fmt: skip
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> ClientConfig:
-    cfg = ClientConfig(**vars(build_parser().parse_args(argv)))
+    """The site's flags; a bad one raises ValueError (or FileNotFoundError) with a message that names it."""
+    try:
+        args, unknown = build_parser().parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        raise ValueError(str(e)) from None
+    if unknown:
+        raise ValueError(f"unrecognized arguments in app_config: {' '.join(unknown)} (see the README's flag table)")
+    cfg = ClientConfig(**vars(args))
     validate(cfg)
     return cfg
 
@@ -142,7 +152,7 @@ def validate(cfg: ClientConfig) -> None:
     get_task(cfg.task_name)
     positive = ("n_prompt_tokens", "intrinsic_dim", "k_shot", "local_iter", "num_users", "batch_size", "token_budget")
     for name in positive:
-        if getattr(cfg, name) < 1:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.local_popsize < 2:
         raise ValueError(f"--local_popsize must be >= 2 for CMA-ES, got {cfg.local_popsize}")

@@ -164,6 +164,8 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
 
 
 def _build_split(task: Task, rows: list[tuple[str, ...]], labels: list[int], source: str) -> Split:
+    if task.literal_newlines:  # as the public example does for Yelp: the escapes are not words
+        rows = [tuple(t.replace("\\n", " ") for t in row) for row in rows]
     y = np.asarray(labels, dtype=np.int64)
     keep = y >= 0
     if np.any(y[keep] >= task.num_labels):
@@ -252,12 +254,18 @@ def site_shards(labels: np.ndarray, num_users: int, iid: bool, alpha: float, see
 
 
 def site_index(site_name: str, num_users: int) -> int:
-    """0-based shard number of an NVFlare client called ``site-N`` (``site-1`` -> 0)."""
+    """0-based shard number of an NVFlare client called ``site-N`` (``site-1`` -> 0).
+
+    With ``--num_users 1`` (site-local data: each site reads only its own ``--data_dir`` and uses all of
+    it) any site name is accepted: there is only one shard."""
+    if num_users == 1:
+        return 0
     m = re.fullmatch(r"site-(\d+)", site_name)
     if m is None or int(m.group(1)) < 1:
         raise ValueError(
             f"site name {site_name!r} is not of the form site-N (N >= 1); FedBPT shards the data by site "
-            f"number (name clients site-1..site-{num_users})"
+            f"number (name clients site-1..site-{num_users}), or, with --num_users 1, each site uses all of its "
+            "own --data_dir"
         )
     n = int(m.group(1))
     if n > num_users:

@@ -30,6 +30,7 @@ class ServerConfig:
     """The server keys of config_fed_server.conf that shape the search."""
 
     num_rounds: int = 200
+    intrinsic_dim: int = 500  # the sites' --intrinsic_dim, when they give one, must equal it
     sigma: float = 1.0
     step_rule: str = "eq6"
     covariance: str = "diag"
@@ -52,26 +53,36 @@ def run_federation(
     blackbox = blackbox or BlackBox(blackbox_config(cfg))
     data = load_task_data(cfg, with_test=bool(cfg.evaluators))
     sites = [FedBPTClient(cfg, f"site-{i + 1}", blackbox, data) for i in range(num_sites or cfg.num_users)]
-    state = init_state(cfg.intrinsic_dim, server.sigma, cfg.seed, server.covariance)
+    state = init_state(cfg.intrinsic_dim or server.intrinsic_dim, server.sigma, cfg.seed, server.covariance)
     recorder = RunRecorder(run_dir)
+    descriptions: dict[str, dict] = {}
     rows = []
-    for round_ in range(server.num_rounds):
+    for _ in range(server.num_rounds):
         t0 = time.perf_counter()
         start = decode_down(*encode_down(state))
         reports = []
         for site in sites:
-            result, metrics = site.run_round(start, round_)
-            reports.append(SiteReport(site.site, decode_up(*encode_up(result)), metrics))
+            result, metrics = site.run_round(start)
+            descriptions.setdefault(site.site, site.description())
+            reports.append(
+                SiteReport(
+                    site.site,
+                    decode_up(*encode_up(result)),
+                    metrics,
+                    fingerprint=site.blackbox.fingerprint,
+                    description=descriptions[site.site],
+                )
+            )
         previous = state
-        state, row = aggregate_round(state, reports, server.step_rule)
+        state, row = aggregate_round(state, reports, server.step_rule, expected=[s.site for s in sites])
         if on_round is not None:
             on_round(previous, reports, state)
         row["seconds"] = round(time.perf_counter() - t0, 3)
-        recorder.record(row, state, sites[0].prompt_info())
+        recorder.record(row, state, descriptions[state.fingerprint_site])
         recorder.save_state(state)
         rows.append(row)
-        if server.patience and round_ - state.best_round >= server.patience:
-            log.info("no better dev loss for %d rounds: stopping after round %d", server.patience, round_)
+        if server.patience and previous.round - state.best_round >= server.patience:
+            log.info("no better dev loss for %d rounds: stopping after round %d", server.patience, previous.round)
             break
     return rows
 
@@ -81,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run_dir", required=True, help="where metrics.jsonl, summary.json and prompts go")
     parser.add_argument("--num_rounds", type=int, default=ServerConfig.num_rounds)
+    parser.add_argument("--intrinsic_dim", type=int, default=ServerConfig.intrinsic_dim,
+                        help="d of the search state (the sites' --intrinsic_dim wins where given)")  # fmt: skip
     parser.add_argument("--server_sigma", type=float, default=ServerConfig.sigma, help="initial global step size")
     parser.add_argument("--step_rule", choices=STEP_RULES, default=ServerConfig.step_rule)
     parser.add_argument("--covariance", choices=COVARIANCES, default=ServerConfig.covariance)
@@ -88,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    server = ServerConfig(args.num_rounds, args.server_sigma, args.step_rule, args.covariance, args.patience)
+    server = ServerConfig(num_rounds=args.num_rounds, intrinsic_dim=args.intrinsic_dim, sigma=args.server_sigma,
+                          step_rule=args.step_rule, covariance=args.covariance, patience=args.patience)  # fmt: skip
     run_federation(parse_args(argv[split + 1 :]), server, args.run_dir)
 
 
