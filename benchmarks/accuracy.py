@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +42,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from fedbpt.blackbox import BlackBox  # noqa: E402
+from fedbpt.blackbox import PROMPT_PLACES, BlackBox  # noqa: E402
 from fedbpt.client import FedBPTClient, blackbox_config, load_task_data  # noqa: E402
 from fedbpt.config import ClientConfig  # noqa: E402
 from fedbpt.data import site_shards  # noqa: E402
@@ -84,14 +85,15 @@ def train_forwards(cfg: ClientConfig, rounds: int) -> int:
 class Bench:
     """One model and one setting; every method draws its sites, pools and projection from the seed."""
 
-    def __init__(self, args, model: dict, setting: dict, central_popsize: int):
+    def __init__(self, args, model: dict, setting: dict, central_popsize: int, prompt_at: str = "auto"):
         self.args, self.model, self.setting, self.central_popsize = args, model, setting, central_popsize
+        self.prompt_at = prompt_at  # where every method adds the prompt (the model kind's default: auto)
         self.boxes: dict[int, BlackBox] = {}
         self.tests: dict[int, object] = {}
 
     def site_config(self, seed: int, **overrides) -> ClientConfig:
         base = dict(task_name="sst2", data_dir=str(SST2), device="cpu", seed=seed, eval_clients="",
-                    **self.model, **self.setting)  # fmt: skip
+                    prompt_at=self.prompt_at, **self.model, **self.setting)  # fmt: skip
         return ClientConfig(**{**base, **overrides})
 
     def box(self, seed: int) -> BlackBox:
@@ -117,20 +119,21 @@ class Bench:
     def fedbpt(self, seed: int, curve: bool, **overrides) -> dict:
         step_rule = overrides.pop("step_rule", "eq6")
         cfg = self.site_config(seed, eval_clients="site-1" if curve else "", **overrides)
-        run_dir = self.args.runs_dir / f"tmp-{seed}"
-        for old in run_dir.glob("*"):
-            old.unlink()
-        rows = run_federation(cfg, ServerConfig(num_rounds=self.args.rounds, step_rule=step_rule), str(run_dir),
-                              blackbox=self.box(seed))  # fmt: skip
-        summary = json.loads((run_dir / "summary.json").read_text())
-        with np.load(run_dir / "best_prompt.npz") as best, np.load(run_dir / "final_prompt.npz") as final:
-            best_z, final_z = best["z"], final["z"]
+        self.args.runs_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="tmp-", dir=self.args.runs_dir) as run_dir:
+            rows = run_federation(cfg, ServerConfig(num_rounds=self.args.rounds, step_rule=step_rule), run_dir,
+                                  blackbox=self.box(seed))  # fmt: skip
+            summary = json.loads((Path(run_dir) / "summary.json").read_text())
+            with np.load(Path(run_dir) / "best_prompt.npz") as best, np.load(Path(run_dir) / "final_prompt.npz") as f:
+                best_z, final_z = best["z"], f["z"]
         return {
             "best_test": self.test_acc(seed, best_z),
             "final_test": self.test_acc(seed, final_z),
             "best_round": summary["best_round"],
             "curve": [r["test_acc"] for r in rows] if curve else [],
             "dev_acc": [r["dev_acc"] for r in rows],
+            "dev_loss": [r["dev_loss"] for r in rows],
+            "sigma": [r["sigma"] for r in rows],
             "forwards": train_forwards(cfg, self.args.rounds),
         }
 
@@ -167,18 +170,19 @@ class Bench:
         bb, data = self.box(seed), load_task_data(cfg, with_test=False)
         sites = [FedBPTClient(cfg, f"site-{i + 1}", bb, data) for i in range(cfg.num_users)]
         mean, best = np.zeros(cfg.intrinsic_dim), (math.inf, np.zeros(cfg.intrinsic_dim), 0)
-        dev_acc = []
+        dev_acc, dev_losses = [], []
         for round_ in range(self.args.rounds):
-            start = GlobalPrompt(mean, 1.0, np.ones(cfg.intrinsic_dim))
-            outcomes = [site.run_round(start, round_) for site in sites]
+            start = GlobalPrompt(mean, 1.0, np.ones(cfg.intrinsic_dim), round_)
+            outcomes = [site.run_round(start) for site in sites]
             n_dev = np.array([m["n_dev"] for _, m in outcomes])
             dev_loss = float(np.dot([m["dev_loss"] for _, m in outcomes], n_dev) / n_dev.sum())
+            dev_losses.append(dev_loss)
             dev_acc.append(float(np.dot([m["dev_acc"] for _, m in outcomes], n_dev) / n_dev.sum()))
             if dev_loss < best[0]:
                 best = (dev_loss, mean.copy(), round_)
             mean = np.mean([r.mean for r, _ in outcomes], axis=0)
         return {"best_test": self.test_acc(seed, best[1]), "final_test": self.test_acc(seed, mean), "curve": [],
-                "best_round": best[2], "dev_acc": dev_acc,
+                "best_round": best[2], "dev_acc": dev_acc, "dev_loss": dev_losses,
                 "forwards": train_forwards(cfg, self.args.rounds)}  # fmt: skip
 
 
@@ -197,6 +201,21 @@ ABLATIONS = {
     "fedbpt_no_perturb": lambda b, s: b.fedbpt(s, curve=False, perturb=0, local_iter=2 * b.setting["local_iter"]),
     "fedavg_perturb": lambda b, s: b.fedavg_bbt(s, perturb=True),
 }
+
+
+# Methods whose result depends most on where the prompt enters: run at the other place too (--other_place).
+OTHER_PLACE_METHODS = ("fedbpt_iid", "fedavg_bbt")
+
+
+def place_name(name: str, bench: Bench) -> str:
+    """The cache name of a method's run: the place is part of it unless it is the model's default."""
+    return name if bench.prompt_at == "auto" else f"{name}@{bench.prompt_at}"
+
+
+def dev_at_best(runs: dict) -> dict:
+    """The pooled dev accuracy at each run's selected round (a figure that may choose settings; test may not)."""
+    return {name: stats([r["dev_acc"][r["best_round"]] for r in rs]) for name, rs in runs.items()
+            if rs and all("dev_acc" in r and "best_round" in r for r in rs)}  # fmt: skip
 
 
 def prepare() -> None:
@@ -218,7 +237,7 @@ SPENT: dict[str, float] = {}  # run -> seconds it took when it was computed (cac
 
 def cached(name: str, seed: int, args, compute) -> dict:
     path = args.runs_dir / f"{name}_seed{seed}.json"
-    if args.resume and path.exists():
+    if (args.resume or compute is None) and path.exists():
         result = json.loads(path.read_text())
         SPENT[path.stem] = result["seconds"]
         return result
@@ -267,6 +286,11 @@ def main() -> None:
     parser.add_argument("--smol_rounds", type=int, default=15)
     parser.add_argument("--skip_smol", action="store_true", help="leave out the SmolLM2 part (about an hour)")
     parser.add_argument("--test_limit", type=int, default=0, help="score only the first N test examples (smoke runs)")
+    parser.add_argument("--prompt_at", default="auto", choices=PROMPT_PLACES, help="where every method adds the prompt")
+    parser.add_argument("--other_place", choices=PROMPT_PLACES[1:],
+                        help=f"also run {' and '.join(OTHER_PLACE_METHODS)} with the prompt at this place")  # fmt: skip
+    parser.add_argument("--seed_list", help="compute only these seeds (e.g. 1,3), to share the runs between processes")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--resume", action="store_true", help="reuse finished runs cached in --runs_dir")
     parser.add_argument("--runs_dir", type=Path, default=RESULTS / "runs", help="one JSON per finished run")
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy.json")
@@ -277,16 +301,39 @@ def main() -> None:
         unknown = [name for name, method in methods.items() if method is None]
         parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     prepare()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
-    bench = Bench(args, minilm(), SETTING, CENTRAL_POPSIZE)
+    seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else range(1, args.seeds + 1)
+    bench = Bench(args, minilm(), SETTING, CENTRAL_POPSIZE, args.prompt_at)
+    if args.other_place:  # the two place-sensitive methods first: they decide the sentence encoders' default
+        other = Bench(args, minilm(), SETTING, CENTRAL_POPSIZE, args.other_place)
+        for seed in seeds:
+            for name in OTHER_PLACE_METHODS:
+                for b in (bench, other):
+                    if name in methods or b is other:
+                        cached(place_name(name, b), seed, args, lambda m=METHODS[name], s=seed, b=b: m(b, s))
     runs = {name: [] for name in methods}
-    for seed in range(1, args.seeds + 1):
+    for seed in seeds:
         for name, method in methods.items():
-            runs[name].append(cached(name, seed, args, lambda m=method, s=seed: m(bench, s)))
+            runs[name].append(cached(place_name(name, bench), seed, args, lambda m=method, s=seed: m(bench, s)))
+    if args.seed_list:
+        print(f"computed seeds {args.seed_list}; assemble with --resume")
+        return
 
     result = {name: stats([r["best_test"] for r in rs]) for name, rs in runs.items()}
     result["final"] = {name: stats([r["final_test"] for r in rs]) for name, rs in runs.items()}
+    result["dev_at_best"] = dev_at_best(runs)
+    if args.other_place:
+        others = {name: [cached(place_name(name, other), seed, args, None) for seed in seeds]
+                  for name in OTHER_PLACE_METHODS}  # fmt: skip
+        result["other_place"] = {"prompt_at": args.other_place,
+                                 **{name: stats([r["best_test"] for r in rs]) for name, rs in others.items()},
+                                 "final": {name: stats([r["final_test"] for r in rs]) for name, rs in others.items()},
+                                 "dev_at_best": dev_at_best(others)}  # fmt: skip
     ours = runs.get("fedbpt_iid", []) + runs.get("fedbpt_noniid", [])
     if ours:
         result["fedbpt_final_drop"] = float(max(r["best_test"] - r["final_test"] for r in ours))
@@ -317,6 +364,7 @@ def main() -> None:
                    "k200_rounds": args.k200_rounds},
         "smollm": {**SMOL_SETTING, "rounds": args.smol_rounds, "seeds": 1, "central_popsize": SMOL_CENTRAL_POPSIZE},
         "test": f"SST-2 GLUE dev ({args.test_limit or 872})",
+        "prompt_at": args.prompt_at,
         "compute_seconds": {  # the sum of the runs' own times, also when they come from the cache
             part: round(sum(v for k, v in SPENT.items() if k.startswith("smol_") == (part == "smollm")), 1)
             for part in ("minilm", *(() if args.skip_smol else ("smollm",)))
@@ -335,6 +383,11 @@ def main() -> None:
     for name, row in result.get("ablations", {}).items():
         print(f"{name:<18} {row['mean']:.4f} ± {row['std']:.4f} (n={row['n']}) {row['final']['mean']:.4f} ± "
               f"{row['final']['std']:.4f} {row['forwards']:>12}  (ablation)")  # fmt: skip
+    for name, row in result.get("other_place", {}).items():
+        if name in OTHER_PLACE_METHODS:
+            f = result["other_place"]["final"][name]
+            print(f"{name + '@' + args.other_place:<30} {row['mean']:.4f} ± {row['std']:.4f} (n={row['n']}) "
+                  f"{f['mean']:.4f} ± {f['std']:.4f}")  # fmt: skip
     for name in ("fedbpt_iid_k200", "smol_no_prompt", "smol_central_bbt", "smol_fedbpt"):
         if name in result:
             print(f"{name:<18} {result[name]['mean']:.4f} (1 seed; final {result[name]['final']:.4f})")
