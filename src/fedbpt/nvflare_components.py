@@ -223,6 +223,19 @@ class FedBPTScatterAndGather(ScatterAndGather):
             raise ValueError(f"patience must be >= 0, got {patience}")
         self.patience = int(patience)
 
+    def start_controller(self, fl_ctx: FLContext) -> None:
+        """As ScatterAndGather's, and a job that resumes a search continues its rounds: it starts at the
+        checkpoint's round and runs what is left of ``num_rounds`` (NVFlare would restart at round 0)."""
+        super().start_controller(fl_ctx)
+        if self._current_round is not None or not isinstance(self._global_weights, ModelLearnable):
+            return  # restored from NVFlare's own snapshot, or no model: ScatterAndGather knows best
+        done = _state(self._global_weights).round
+        if done:
+            self._start_round = done
+            self._num_rounds = max(0, self._num_rounds - done)
+            fl_ctx.set_prop(AppConstants.START_ROUND, self._start_round, private=True, sticky=True)
+            self.log_info(fl_ctx, f"resuming after round {done - 1}: {self._num_rounds} rounds left of num_rounds")
+
     def _accept_train_result(self, client_name: str, result: Shareable, fl_ctx: FLContext,
                              is_unknown_task: bool = False) -> bool:  # fmt: skip
         # ScatterAndGather drops a failed task before the aggregator sees it: tell the aggregator who and why.

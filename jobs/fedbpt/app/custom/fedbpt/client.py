@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .blackbox import Batch, BlackBox, BlackBoxConfig
-from .config import ClientConfig
+from .config import ClientConfig, site_data_dir
 from .data import Split, k_shot_pools, load_split, site_index, site_shards
 from .search import GlobalPrompt, LocalResult, derive_seed, local_search
 from .tasks import get_task
@@ -85,7 +85,8 @@ class FedBPTClient:
         self.index = site_index(site, cfg.num_users)
         self.evaluator = site in cfg.evaluators
         self.blackbox = blackbox or BlackBox(blackbox_config(cfg))
-        data = data or load_task_data(cfg, with_test=self.evaluator)
+        if data is None:
+            data = load_task_data(replace(cfg, data_dir=site_data_dir(cfg.data_dir, site)), with_test=self.evaluator)
         num_labels = get_task(cfg.task_name).num_labels
         # Train and dev pools are split the same way, with independent draws.
         train_shard = site_shards(data.train.labels, cfg.num_users, bool(cfg.iid), cfg.alpha_dir, cfg.seed)

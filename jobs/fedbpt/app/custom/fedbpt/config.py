@@ -22,6 +22,7 @@ DEFAULT_LOCAL_POPSIZE = 5
 DEFAULT_NUM_USERS = 10
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_TOKEN_BUDGET = 16384
+SITE_SLOT = "{site}"  # in --data_dir: replaced by the site's name
 
 
 @dataclass
@@ -96,7 +97,8 @@ _HELP = {
     "llama_causal": "published-example flag: decoder-only models are always read at the last position",
     "model_type": "auto (from the model config), mlm, causal or encoder",
     "gguf_file": "GGUF weights file inside --model_name (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)",
-    "data_dir": "folder with train.*, dev.*|validation.*, test.* (.tsv/.csv/.jsonl, HF column names)",
+    "data_dir": "folder with train.*, dev.*|validation.*, test.* (.tsv/.csv/.jsonl, HF column names); "
+    "{site} in it becomes the site's name",
     "sigma": "sigma0 in the projection scale alpha * std(embeddings) / (sqrt(d) * sigma0)",
     "alpha": "alpha in the projection scale",
     "batch_size": "most sequences in one forward pass",
@@ -161,5 +163,15 @@ def validate(cfg: ClientConfig) -> None:
     for name in ("alpha_dir", "sigma", "alpha", "label_scale"):
         if not getattr(cfg, name) > 0:
             raise ValueError(f"--{name} must be > 0, got {getattr(cfg, name)}")
-    if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
+    if cfg.data_dir is not None and SITE_SLOT not in cfg.data_dir and not os.path.isdir(cfg.data_dir):
         raise FileNotFoundError(f"--data_dir {cfg.data_dir!r}: no such directory")
+
+
+def site_data_dir(data_dir: str | None, site: str) -> str | None:
+    """``--data_dir`` for one site: ``{site}`` in it becomes the site's name (one job, each site's own folder)."""
+    if data_dir is None or SITE_SLOT not in data_dir:
+        return data_dir
+    resolved = data_dir.replace(SITE_SLOT, site)
+    if not os.path.isdir(resolved):
+        raise FileNotFoundError(f"--data_dir {data_dir!r} is {resolved!r} for {site}: no such directory")
+    return resolved
