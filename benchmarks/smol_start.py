@@ -18,7 +18,6 @@ it bounds what re-calibrating the two label scores alone can give. Prints a tabl
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -26,13 +25,14 @@ import numpy as np
 import torch
 
 from accuracy import RESULTS, SMOL_CENTRAL_POPSIZE, SMOL_SETTING, Bench, smollm
+from fedbpt.encoding import Batch
 
 
 def measure(bb, batch, width: int) -> dict:
     with torch.inference_mode():  # the scorer's own forward, with ``width`` prompt rows (zeros: z = 0)
-        scores = torch.cat([bb._forward(batch, ex, torch.zeros(len(ex), width, bb.hidden))
-                            for ex in torch.arange(len(batch)).split(32)])  # fmt: skip
-    labels = batch.labels.numpy()
+        scores = torch.cat([bb._forward(batch, ex, torch.zeros(len(ex), width, bb.hidden), int(batch.lengths[ex].max()))
+                            for ex in torch.arange(len(batch)).split(32)]).cpu()  # fmt: skip
+    labels = batch.labels.cpu().numpy()
     pred = scores.argmax(-1).numpy()
     diff = (scores[:, 1] - scores[:, 0]).numpy()
     cuts = np.concatenate([[-np.inf], np.sort(diff)])
@@ -53,8 +53,8 @@ def main() -> None:
     n = SMOL_SETTING["n_prompt_tokens"]
     if not (bool(test.prompt[:, :n].all()) and not bool(test.prompt[:, n:].any())):
         raise SystemExit("expected the placeholders at the first positions of every row")
-    bare = dataclasses.replace(test, ids=test.ids[:, n:], attention=test.attention[:, n:], prompt=test.prompt[:, n:],
-                               text=test.text[:, n:], answer=test.answer - n)  # fmt: skip
+    bare = Batch(ids=test.ids[:, n:], attention=test.attention[:, n:], prompt=test.prompt[:, n:],
+                 text=test.text[:, n:], answer=test.answer - n, labels=test.labels)  # fmt: skip
     result = {"bare": measure(bb, bare, 0), "placeholders_z0": measure(bb, test, n),
               "placeholder_tokens": bb.tokenizer.convert_ids_to_tokens(bb.placeholder_ids)}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,12 @@ def make(model_dir, **kw) -> BlackBox:
     return BlackBox(BlackBoxConfig(model_name=str(model_dir), task=kw.pop("task", SST2), **kw))
 
 
+def in_one_forward(bb: BlackBox) -> BlackBox:
+    """Every row of a call in a single forward, padded to the longest: as a plain Hugging Face call does."""
+    bb.batch_size, bb.token_budget, bb.overhead = 10**6, 10**9, 10**9
+    return bb
+
+
 @pytest.fixture(scope="module")
 def examples(sst2_dir) -> Split:
     return load_split(SST2, "dev", str(sst2_dir)).subset(np.arange(12))
@@ -65,10 +71,11 @@ def test_encoding_places_prompt_text_and_mask(roberta, examples):
     assert sorted(batch.labels.tolist()) == sorted(examples.labels.tolist())
 
 
-def test_zero_prompt_in_add_mode_leaves_logits_exactly_unchanged(roberta, examples):
-    batch = roberta.encode(examples)
-    expected = unhooked_answer_logits(roberta, batch)
-    got = roberta.class_scores(np.zeros((1, 16)), batch)[0]
+def test_zero_prompt_in_add_mode_leaves_logits_exactly_unchanged(tiny_roberta, examples):
+    bb = in_one_forward(make(tiny_roberta))
+    batch = bb.encode(examples)
+    expected = unhooked_answer_logits(bb, batch)
+    got = bb.class_scores(np.zeros((1, 16)), batch)[0]
     assert torch.equal(got, expected.float())
 
 
@@ -120,7 +127,7 @@ def hooked_forward(bb: BlackBox, z: np.ndarray, batch) -> tuple[torch.Tensor, to
 @pytest.mark.parametrize("model", ["tiny_roberta", "minilm_dir"])
 @pytest.mark.parametrize("mode", ["add", "cat"])
 def test_prompt_enters_at_the_embeddings_output_as_in_bbt(request, examples, model, mode):
-    bb = make(request.getfixturevalue(model), cat_or_add=mode, token_budget=100_000)  # one forward
+    bb = in_one_forward(make(request.getfixturevalue(model), cat_or_add=mode))
     assert bb.prompt_at == "embeddings" and bb.kind in ("mlm", "encoder")
     batch = bb.encode(examples)
     real = batch.attention.unsqueeze(-1)  # padded positions carry no meaning
@@ -218,7 +225,9 @@ def test_fitness_with_perturbation_is_a_ratio_of_losses(roberta, examples):
     z = np.random.default_rng(2).normal(size=(2, 16))
     clean = roberta.losses(roberta.class_scores(z, batch), batch.labels)
     pert = roberta.losses(roberta.class_scores(z, noisy), noisy.labels)
-    np.testing.assert_allclose(roberta.fitness(z, batch, noisy), clean / pert, rtol=1e-5)
+    together = batch.concat(noisy)  # one call scores both: clean rows first
+    np.testing.assert_allclose(roberta.fitness(z, together, n_clean=len(batch)), clean / pert, rtol=1e-5)
+    np.testing.assert_allclose(roberta.fitness(z, batch), clean, rtol=1e-6)
 
 
 def test_perturb_scope_all_hits_every_attended_token(roberta, examples):

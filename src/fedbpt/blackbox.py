@@ -6,22 +6,22 @@ themselves. Where the hook sits follows BBT and the paper: on BERT/RoBERTa-famil
 sentence encoders) at the output of the embeddings block (word + position + type embeddings, after its
 LayerNorm); on decoder-only models, which have no normalisation there, at the input embeddings. No
 Hugging Face modeling code is copied or patched. Every candidate of a generation and every example go
-through the model in one batch, chunked by a token budget; only the answer position goes through the LM
-head.
+through the model in forwards planned by ``encoding.Batch.chunks``; only the answer position goes through
+the LM head, and scores and losses stay on the device until a generation's fitness is complete.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .data import Split
+from .encoding import Batch, Encoder
 from .search import projection, projection_fingerprint, projection_scale
 from .tasks import Task
 
@@ -29,13 +29,19 @@ log = logging.getLogger(__name__)
 
 MODEL_KINDS = ("mlm", "causal", "encoder")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PLACEHOLDER_START = 1000  # BBT's prompt tokens: vocabulary ids 1000 .. 1000 + L - 1
 # Where the prompt is added: "embeddings", the embeddings block's output (BBT's place), or
 # "word_embeddings", the input-embedding module (the only place a decoder-only model offers).
 PROMPT_PLACES = ("auto", "embeddings", "word_embeddings")
 # What "auto" means for each kind of model. The sentence encoders' choice is measured: see the README.
 AUTO_PLACE = {"mlm": "embeddings", "encoder": "embeddings", "causal": "word_embeddings"}
-_SLOT = re.compile(r"(\{prompt\}|\{mask\}|\{text\d\})")
+# The fixed cost of one forward pass, in padded tokens: a cut between two forwards must save more padding
+# than this. On this project's 2-core CPU a forward of all-MiniLM-L6-v2 costs about the same per token from
+# 100 to 8,000 tokens, so cuts are nearly free there. The CUDA figure is an estimate, not a measurement (no
+# GPU here): it keeps the README's generations at under 5% padding.
+FORWARD_OVERHEAD = {"cpu": 16, "cuda": 256}
+CPU_TOKEN_BUDGET = 4096  # tokens per forward on the CPU: larger gains nothing there (see the README)
+CPU_BATCH_SIZE = 128
+CUDA_BATCH_SIZE = 4096  # rows per forward on CUDA: in effect, the token budget decides
 
 
 @dataclass
@@ -48,50 +54,16 @@ class BlackBoxConfig:
     cat_or_add: str = "add"
     model_type: str = "auto"  # mlm | causal | encoder | auto (from the model's config)
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: bfloat16 on CUDA (float16 where bf16 is missing), float32 on the CPU
     sigma: float = 1.0  # sigma0 of the projection scale
     alpha: float = 1.0
     loss_type: str = "ce"
     verbalizer_space: bool = False  # masked LMs: "Ġgreat" instead of the public example's "great"
-    batch_size: int = 128  # most sequences in one forward
-    token_budget: int = 16384  # most tokens (sequences x padded length) in one forward
+    batch_size: int | str = "auto"  # most sequences in one forward
+    token_budget: int | str = "auto"  # most tokens (sequences x padded length) in one forward
     label_scale: float = 20.0  # sentence encoders: class score = cosine similarity x this
     gguf_file: str | None = None
     prompt_at: str = "auto"  # one of PROMPT_PLACES
-
-
-@dataclass
-class Batch:
-    """Tokenised examples, right-padded, longest first."""
-
-    ids: torch.Tensor  # (n, T) int64
-    attention: torch.Tensor  # (n, T) bool
-    prompt: torch.Tensor  # (n, T) bool: the L placeholder positions
-    text: torch.Tensor  # (n, T) bool: positions that came from the example's own text
-    answer: torch.Tensor  # (n,) int64: where the label word is read
-    labels: torch.Tensor  # (n,) int64
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    @property
-    def prompt_positions(self) -> torch.Tensor:
-        """(n, L) int64: each row's placeholder positions, in order."""
-        n = self.prompt.shape[0]
-        return self.prompt.nonzero()[:, 1].view(n, -1)
-
-    def concat(self, other: Batch) -> Batch:
-        t = max(self.ids.shape[1], other.ids.shape[1])
-        cat = [torch.cat([_pad(a, t), _pad(b, t)]) for a, b in zip(self._padded(), other._padded())]
-        return Batch(*cat, answer=torch.cat([self.answer, other.answer]),
-                     labels=torch.cat([self.labels, other.labels]))  # fmt: skip
-
-    def _padded(self) -> tuple[torch.Tensor, ...]:
-        return self.ids, self.attention, self.prompt, self.text
-
-
-def _pad(x: torch.Tensor, t: int) -> torch.Tensor:
-    return F.pad(x, (0, t - x.shape[1])) if x.shape[1] < t else x
 
 
 def resolve_model_path(name: str) -> str:
@@ -119,6 +91,19 @@ def check_device(device: str) -> str:
     elif device != "cpu" and not device.startswith("mps"):
         raise ValueError(f"--device {device!r}: use cpu, cuda or cuda:N")
     return device
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA devices that have it (float16 on older ones), float32 elsewhere. Float32
+    on CUDA computes its matrix products in TF32."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose auto or one of {', '.join(DTYPES)}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        if dtype == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return DTYPES["float32" if dtype == "auto" else dtype]
 
 
 def detect_kind(config, model_type: str = "auto") -> str:
@@ -162,18 +147,17 @@ class BlackBox:
             raise ValueError(f"--cat_or_add {cfg.cat_or_add!r}: choose add or cat")
         if cfg.prompt_at not in PROMPT_PLACES:
             raise ValueError(f"--prompt_at {cfg.prompt_at!r}: choose one of {', '.join(PROMPT_PLACES)}")
-        if cfg.dtype not in DTYPES:
-            raise ValueError(f"--dtype {cfg.dtype!r}: choose one of {list(DTYPES)}")
         self.cfg = cfg
         self.task = cfg.task
         self.device = torch.device(check_device(cfg.device))
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
         path = resolve_model_path(cfg.model_name)
         extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         self.tokenizer = AutoTokenizer.from_pretrained(path, **extra)
         config = AutoConfig.from_pretrained(path, **extra)
         self.kind = detect_kind(config, cfg.model_type)
         loader = {"mlm": AutoModelForMaskedLM, "causal": AutoModelForCausalLM, "encoder": AutoModel}[self.kind]
-        self.model = loader.from_pretrained(path, dtype=DTYPES[cfg.dtype], **extra).to(self.device).eval()
+        self.model = loader.from_pretrained(path, dtype=self.dtype, **extra).to(self.device).eval()
         self.model.requires_grad_(False)
         if self.kind == "mlm":
             self.body = self.model.base_model
@@ -190,20 +174,26 @@ class BlackBox:
         self.embedding_std = float(embedding.weight.detach().to("cpu", torch.float64).std())
         self.prompt_at, hooked = self._hook_place(cfg.prompt_at)
         self._active: tuple[torch.Tensor, torch.Tensor] | None = None  # (prompt positions, prompts) of a forward
-        self.examples_scored = 0  # (candidate, example) pairs through the model: the cost of a search
         hooked.register_forward_hook(self._inject)
         self.dim: int | None = None
         self.scale, self.fingerprint = None, ""
         if cfg.intrinsic_dim is not None:
             self.use_dim(cfg.intrinsic_dim)
+        self.batch_size, self.token_budget = self._chunk_limits(config)
+        self.overhead = FORWARD_OVERHEAD["cuda" if self.device.type == "cuda" else "cpu"]
+        # (candidate, example) rows through the model: the cost of a search; and the tokens they took
+        self.examples_scored = self.padded_tokens = self.attended_tokens = self.forwards = 0
 
-        self.special_ids = set(self.tokenizer.all_special_ids)
-        self.placeholder_ids = [(PLACEHOLDER_START + i) % self.vocab_size for i in range(cfg.n_prompt_tokens)]
-        self.max_length = self._max_length(config)
-        self.label_ids = self._label_ids() if self.kind != "encoder" else None
+        self.encoder = Encoder(self.tokenizer, self.task, self.kind, cfg.n_prompt_tokens, self._max_length(config),
+                               self.vocab_size, cfg.model_name)  # fmt: skip
+        self.placeholder_ids = self.encoder.placeholder_ids
+        self.max_length = self.encoder.max_length
+        self.label_ids = self.encoder.label_ids(cfg.verbalizer_space) if self.kind != "encoder" else None
         self.label_embeddings = self._label_embeddings() if self.kind == "encoder" else None
-        log.info("loaded %s (%s, hidden %d, vocab %d) on %s; prompt added at the %s output",
-                 cfg.model_name, self.kind, self.hidden, self.vocab_size, self.device, self.prompt_at)  # fmt: skip
+        log.info("loaded %s (%s, hidden %d, vocab %d) on %s in %s; prompt added at the %s output; forwards of at "
+                 "most %d rows and %d tokens", cfg.model_name, self.kind, self.hidden, self.vocab_size, self.device,
+                 str(self.dtype).removeprefix("torch."), self.prompt_at, self.batch_size,
+                 self.token_budget)  # fmt: skip
 
     def _hook_place(self, prompt_at: str) -> tuple[str, torch.nn.Module]:
         """The resolved ``--prompt_at`` and the module whose output receives the prompt."""
@@ -217,6 +207,25 @@ class BlackBox:
                 "block; use --prompt_at word_embeddings"
             )
         return place, block
+
+    def _chunk_limits(self, config) -> tuple[int, int]:
+        """``--batch_size`` and ``--token_budget``, with ``auto`` sized for the device.
+
+        On CUDA the budget comes from the free memory: a tenth of it (several site processes may share the
+        GPU) over a generous estimate of the activations one token holds in a forward (hidden and
+        feed-forward states of a layer, twice over), between 4,096 and 131,072 tokens."""
+        cuda = self.device.type == "cuda"
+        batch = self.cfg.batch_size if self.cfg.batch_size != "auto" else (CUDA_BATCH_SIZE if cuda else CPU_BATCH_SIZE)
+        budget = self.cfg.token_budget
+        if budget == "auto":
+            if cuda:
+                free, _ = torch.cuda.mem_get_info(self.device)
+                width = 4 * self.hidden + (getattr(config, "intermediate_size", None) or 4 * self.hidden)
+                per_token = 2 * width * torch.finfo(self.dtype).bits // 8
+                budget = int(min(131072, max(4096, 2 ** int(np.log2(max(1, 0.1 * free / per_token))))))
+            else:
+                budget = CPU_TOKEN_BUDGET
+        return int(batch), int(budget)
 
     def use_dim(self, dim: int) -> None:
         """Build the projection A for z of dimension ``dim`` (the server's intrinsic_dim), with BBT's scale.
@@ -247,9 +256,6 @@ class BlackBox:
                 "label_scale": self.cfg.label_scale, "gguf_file": self.cfg.gguf_file,
                 "fingerprint": self.fingerprint}  # fmt: skip
 
-    # ------------------------------------------------------------------------------------------
-    # Tokenisation
-
     def _max_length(self, config) -> int:
         positions = getattr(config, "max_position_embeddings", None) or 512
         if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
@@ -257,131 +263,16 @@ class BlackBox:
         tok_max = self.tokenizer.model_max_length
         return int(min(positions, tok_max if tok_max and tok_max < 1e6 else positions))
 
-    def _template(self) -> str:
-        if self.kind == "mlm":
-            return self.task.template
-        if self.kind == "causal":
-            return self.task.causal_template
-        return "{prompt} " + " ".join(f"{{text{i}}}" for i in range(len(self.task.text_fields)))
-
-    def _special_wrap(self) -> tuple[list[int], list[int]]:
-        """The special ids the tokenizer puts before and after a text (none after, for causal LMs)."""
-        plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
-        full = self.tokenizer("x")["input_ids"]
-        start = next(i for i in range(len(full)) if full[i : i + len(plain)] == plain)
-        after = full[start + len(plain) :] if self.kind != "causal" else []
-        return full[:start], after
-
-    def _ids(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-
-    def _plan(self) -> list[tuple[str, str]]:
-        """The template as (slot, content) pieces: ("lit", text) or a slot with the spaces before it."""
-        # A literal's trailing space belongs to the next piece: BPE tokenisers fold it into the next word.
-        carried, plan = "", []
-        for piece in (p for p in _SLOT.split(self._template()) if p):
-            if _SLOT.fullmatch(piece):
-                plan.append((piece, carried))
-                carried = ""
-            else:
-                stripped = (carried + piece).rstrip(" ")
-                plan.append(("lit", stripped))
-                carried = (carried + piece)[len(stripped) :]
-        return plan
+    # ------------------------------------------------------------------------------------------
+    # Tokenisation (encoding.py), on this model's device
 
     def encode(self, split: Split) -> Batch:
-        """Token ids of the task's template around each example, with the prompt placeholders in them."""
-        plan = self._plan()
-        head, tail = self._special_wrap()
-        literal_ids = {c: self._ids([c])[0] for s, c in plan if s == "lit" and c}
-        field_ids = {  # slot -> token ids of that text field for every example
-            slot: self._ids([prefix + t[int(slot[5:-1])] for t in split.texts])
-            for slot, prefix in plan
-            if slot.startswith("{text")
-        }
-        mask_id = self.tokenizer.mask_token_id
-        if self.kind == "mlm" and mask_id is None:
-            raise ValueError(f"--model_name {self.cfg.model_name}: the tokenizer has no mask token")
-        fixed = len(head) + len(tail) + sum(len(literal_ids[c]) for s, c in plan if s == "lit" and c)
-        fixed += self.cfg.n_prompt_tokens
-        fixed += 1 if self.kind == "mlm" else 0  # the mask
-        room = self.max_length - fixed
-        if room < len(field_ids):
-            raise ValueError(
-                f"--n_prompt_tokens {self.cfg.n_prompt_tokens} leaves no room for the text: the model takes "
-                f"{self.max_length} tokens and the prompt, template and special tokens need {fixed}"
-            )
-
-        rows, kinds, answers = [], [], []
-        n = len(split)
-        for i in range(n):
-            texts = _truncate([field_ids[s][i] for s in sorted(field_ids)], room)
-            by_slot = dict(zip(sorted(field_ids), texts))
-            ids, kind = list(head), [0] * len(head)  # kind: 0 other, 1 prompt, 2 text
-            answer = -1
-            for slot, content in plan:
-                if slot == "lit":
-                    part, k = literal_ids.get(content, []), 0
-                elif slot == "{prompt}":
-                    part, k = self.placeholder_ids, 1
-                elif slot == "{mask}":
-                    if self.kind == "mlm":
-                        answer = len(ids)
-                        part, k = [mask_id], 0
-                    else:
-                        part, k = [], 0
-                else:
-                    part, k = by_slot[slot], 2
-                ids += part
-                kind += [k] * len(part)
-            ids += tail
-            kind += [0] * len(tail)
-            rows.append(ids)
-            kinds.append(kind)
-            answers.append(answer if answer >= 0 else len(ids) - 1)
-
-        order = sorted(range(n), key=lambda i: -len(rows[i]))
-        t = max((len(r) for r in rows), default=1)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((n, t), pad, dtype=torch.long)
-        kind_t = torch.zeros((n, t), dtype=torch.long)
-        attention = torch.zeros((n, t), dtype=torch.bool)
-        for j, i in enumerate(order):
-            ids[j, : len(rows[i])] = torch.tensor(rows[i])
-            kind_t[j, : len(rows[i])] = torch.tensor(kinds[i])
-            attention[j, : len(rows[i])] = True
-        return Batch(
-            ids=ids,
-            attention=attention,
-            prompt=kind_t == 1,
-            text=kind_t == 2,
-            answer=torch.tensor([answers[i] for i in order]),
-            labels=torch.as_tensor(np.asarray(split.labels)[order], dtype=torch.long),
-        )
+        """Token ids of the task's template around each example, on the model's device."""
+        return self.encoder.encode(split).to(self.device)
 
     def perturb(self, batch: Batch, rate: float, rng: np.random.Generator, scope: str = "text") -> Batch:
-        """A copy with each text token (``scope='all'``: each attended token) replaced by a random
-        vocabulary id with probability ``rate``. ``all`` is the public example's choice; it also hits
-        the placeholders, the special tokens and the mask itself."""
-        if scope not in ("text", "all"):
-            raise ValueError(f"--perturb_scope {scope!r}: choose text or all")
-        where = (batch.text if scope == "text" else batch.attention).numpy()
-        hit = where & (rng.random(where.shape) < rate)
-        ids = batch.ids.numpy().copy()
-        ids[hit] = rng.integers(0, self.vocab_size, size=int(hit.sum()))
-        return replace(batch, ids=torch.from_numpy(ids))
-
-    def _label_ids(self) -> list[int]:
-        space = self.kind == "causal" or self.cfg.verbalizer_space
-        ids = []
-        for word in self.task.verbalizer:
-            tokens = self._ids([(" " if space else "") + word])[0]
-            if not tokens:
-                raise ValueError(f"label word {word!r} is empty for this tokenizer")
-            ids.append(tokens[0])
-        if len(set(ids)) < len(ids):
-            raise ValueError(f"label words {self.task.verbalizer} share a first token for this tokenizer")
-        return ids
+        """A copy with random tokens in place of text tokens (see ``Encoder.perturb``)."""
+        return self.encoder.perturb(batch, rate, rng, scope)
 
     @torch.inference_mode()
     def _label_embeddings(self) -> torch.Tensor:
@@ -415,94 +306,93 @@ class BlackBox:
 
     @torch.inference_mode()
     def class_scores(self, z: np.ndarray, batch: Batch) -> torch.Tensor:
-        """Class scores (P, n, C) of every candidate on every example, in as few forwards as allowed."""
+        """Class scores (P, n, C) of every candidate on every example, on the device, in the forwards that
+        ``batch.chunks`` plans (rows of nearly equal length, within the token budget)."""
+        if batch.device != self.device:
+            batch = batch.to(self.device)
         prompts = self.prompts(z)
         p, n = prompts.shape[0], len(batch)
         self.examples_scored += p * n
-        lengths = batch.attention.sum(1)
-        out, start, rows = [], 0, p * n
-        while start < rows:
-            # rows run candidate-major over examples sorted longest first: the chunk's first row is its longest
-            t = int(lengths[start % n])
-            size = max(1, min(self.cfg.batch_size, self.cfg.token_budget // t, rows - start))
-            r = torch.arange(start, start + size)
-            out.append(self._forward(batch, r % n, prompts[r // n]))
-            start += size
-        return torch.cat(out).view(p, n, -1)
+        out = None
+        for chunk in batch.chunks(p, self.batch_size, self.token_budget, self.overhead):
+            self.forwards += 1
+            self.padded_tokens += len(chunk) * chunk.length
+            self.attended_tokens += chunk.attended
+            scores = self._forward(batch, chunk.examples, prompts[chunk.candidates], chunk.length)
+            if out is None:
+                out = scores.new_empty(p, n, scores.shape[-1])
+            out[chunk.candidates, chunk.examples] = scores
+        return out
 
-    def _forward(self, batch: Batch, ex: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        t = int(batch.attention[ex].sum(1).max())
-        dev = self.device
-        ids, attention = batch.ids[ex, :t].to(dev), batch.attention[ex, :t].to(dev)
-        self._active = (batch.prompt_positions[ex].to(dev), prompts)
+    def _forward(self, batch: Batch, ex: torch.Tensor, prompts: torch.Tensor, length: int) -> torch.Tensor:
+        """Class scores (B, C) of rows ``ex`` of the batch, each with its prompt, cut to ``length`` tokens."""
+        ids, attention = batch.ids[ex, :length], batch.attention[ex, :length]
+        self._active = (batch.prompt_positions[ex], prompts)
         try:
             hidden = self.body(input_ids=ids, attention_mask=attention.long()).last_hidden_state
         finally:
             self._active = None
         if self.kind == "encoder":
-            pooled = _mean_pool(hidden.float(), attention & ~batch.prompt[ex, :t].to(dev))
+            pooled = _mean_pool(hidden.float(), attention & ~batch.prompt[ex, :length])
             return self.cfg.label_scale * F.normalize(pooled, dim=-1) @ self.label_embeddings.T
-        h = hidden[torch.arange(len(ex), device=dev), batch.answer[ex].to(dev)]
+        h = hidden[torch.arange(len(ex), device=ex.device), batch.answer[ex]]
         return self.head(h)[:, self.label_ids].float()
 
-    def losses(self, scores: torch.Tensor, labels: torch.Tensor, loss_type: str | None = None) -> np.ndarray:
-        """Loss per candidate (P,) from scores (P, n, C): ce, hinge (margin 2) or perf (-metric)."""
+    def loss_tensor(self, scores: torch.Tensor, labels: torch.Tensor, loss_type: str | None = None) -> torch.Tensor:
+        """Loss per candidate (P,) from scores (P, n, C), on the scores' device: ce, hinge (margin 2), perf."""
         loss_type = loss_type or self.cfg.loss_type
         p, n, c = scores.shape
         flat, target = scores.reshape(p * n, c), labels.to(scores.device).repeat(p)
         if loss_type == "ce":
-            loss = F.cross_entropy(flat, target, reduction="none").view(p, n).mean(1)
-        elif loss_type == "hinge":
-            loss = F.multi_margin_loss(flat, target, margin=2.0, reduction="none").view(p, n).mean(1)
-        elif loss_type == "perf":
-            return -self.metric(scores, labels)
-        else:
-            raise ValueError(f"--loss_type {loss_type!r}: choose ce, hinge or perf")
-        return loss.double().cpu().numpy()
+            return F.cross_entropy(flat, target, reduction="none").view(p, n).mean(1).double()
+        if loss_type == "hinge":
+            return F.multi_margin_loss(flat, target, margin=2.0, reduction="none").view(p, n).mean(1).double()
+        if loss_type == "perf":
+            return -self.metric_tensor(scores, labels)
+        raise ValueError(f"--loss_type {loss_type!r}: choose ce, hinge or perf")
 
-    def metric(self, scores: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
-        """Accuracy, or F1 of class 1 for tasks scored by F1, per candidate (P,)."""
-        pred = scores.argmax(-1).cpu()
-        truth = labels.cpu().expand_as(pred)
+    def losses(self, scores: torch.Tensor, labels: torch.Tensor, loss_type: str | None = None) -> np.ndarray:
+        """Loss per candidate (P,) from scores (P, n, C): ce, hinge (margin 2) or perf (-metric)."""
+        return self.loss_tensor(scores, labels, loss_type).cpu().numpy()
+
+    def metric_tensor(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Accuracy, or F1 of class 1 for tasks scored by F1, per candidate (P,), on the scores' device."""
+        pred = scores.argmax(-1)
+        truth = labels.to(pred.device).expand_as(pred)
         if self.task.metric == "f1":
             tp = ((pred == 1) & (truth == 1)).sum(1).double()
             fp = ((pred == 1) & (truth != 1)).sum(1).double()
             fn = ((pred != 1) & (truth == 1)).sum(1).double()
-            return (2 * tp / (2 * tp + fp + fn).clamp(min=1)).numpy()
-        return (pred == truth).double().mean(1).numpy()
+            return 2 * tp / (2 * tp + fp + fn).clamp(min=1)
+        return (pred == truth).double().mean(1)
+
+    def metric(self, scores: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+        """Accuracy, or F1 of class 1 for tasks scored by F1, per candidate (P,)."""
+        return self.metric_tensor(scores, labels).cpu().numpy()
 
     def evaluate(self, z: np.ndarray, batch: Batch) -> tuple[float, float]:
         """(loss, metric) of one prompt z on a batch of examples."""
         scores = self.class_scores(np.atleast_2d(z), batch)
-        return float(self.losses(scores, batch.labels)[0]), float(self.metric(scores, batch.labels)[0])
+        both = torch.stack([self.loss_tensor(scores, batch.labels)[0], self.metric_tensor(scores, batch.labels)[0]])
+        loss, metric = both.cpu().tolist()
+        return float(loss), float(metric)
 
-    def fitness(self, z: np.ndarray, clean: Batch, perturbed: Batch | None = None) -> np.ndarray:
-        """Lower is better: loss on the clean shard, divided by the loss on its perturbed copy if given.
+    def fitness(self, z: np.ndarray, rows: Batch, n_clean: int | None = None) -> np.ndarray:
+        """Lower is better: the loss on the clean examples, divided by the loss on their perturbed copies
+        when ``rows`` holds both (clean first: ``rows = clean.concat(perturbed)``, ``n_clean = len(clean)``).
 
-        Clean and perturbed examples of every candidate go through the model together."""
-        if perturbed is None:
-            return self.losses(self.class_scores(z, clean), clean.labels)
-        n = len(clean)
-        scores = self.class_scores(z, clean.concat(perturbed))
-        loss_clean = self.losses(scores[:, :n], clean.labels)
-        loss_pert = self.losses(scores[:, n:], perturbed.labels)
+        Every candidate's clean and perturbed rows go through the model together, and the generation's
+        losses leave the device once, at the end."""
+        scores = self.class_scores(z, rows)
+        if n_clean is None or n_clean == len(rows):
+            return self.losses(scores, rows.labels)
+        clean = self.loss_tensor(scores[:, :n_clean], rows.labels[:n_clean])
+        noisy = self.loss_tensor(scores[:, n_clean:], rows.labels[n_clean:])
         if self.cfg.loss_type == "perf":  # -accuracy: a ratio of negatives is meaningless, use the gap
-            return loss_clean - loss_pert
-        return loss_clean / np.maximum(loss_pert, 1e-12)
+            return (clean - noisy).cpu().numpy()
+        return (clean / noisy.clamp(min=1e-12)).cpu().numpy()
 
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-
-
-def _truncate(fields: list[list[int]], room: int) -> list[list[int]]:
-    """Cut the longest text field first until all fields fit in ``room`` tokens."""
-    fields = [list(f) for f in fields]
-    while sum(map(len, fields)) > room:
-        longest = max(range(len(fields)), key=lambda i: len(fields[i]))
-        excess = sum(map(len, fields)) - room
-        fields[longest] = fields[longest][: max(1, len(fields[longest]) - excess)]
-        if all(len(f) <= 1 for f in fields):
-            break
-    return fields

@@ -20,8 +20,7 @@ DEFAULT_K_SHOT = 16
 DEFAULT_LOCAL_ITER = 8
 DEFAULT_LOCAL_POPSIZE = 5
 DEFAULT_NUM_USERS = 10
-DEFAULT_BATCH_SIZE = 128
-DEFAULT_TOKEN_BUDGET = 16384
+AUTO = "auto"
 SITE_SLOT = "{site}"  # in --data_dir: replaced by the site's name
 
 
@@ -51,9 +50,9 @@ class ClientConfig:
     data_dir: str | None = None
     sigma: float = 1.0
     alpha: float = 1.0
-    batch_size: int = DEFAULT_BATCH_SIZE
-    token_budget: int = DEFAULT_TOKEN_BUDGET
-    dtype: str = "float32"
+    batch_size: int | str = AUTO
+    token_budget: int | str = AUTO
+    dtype: str = AUTO
     verbalizer_space: int = 0
     random_stream: str = "per_site"
     label_scale: float = 20.0
@@ -101,9 +100,9 @@ _HELP = {
     "{site} in it becomes the site's name",
     "sigma": "sigma0 in the projection scale alpha * std(embeddings) / (sqrt(d) * sigma0)",
     "alpha": "alpha in the projection scale",
-    "batch_size": "most sequences in one forward pass",
-    "token_budget": "most tokens (sequences x padded length) in one forward pass",
-    "dtype": "float32, bfloat16 or float16 model weights",
+    "batch_size": "most sequences in one forward pass (auto: 128 on the CPU; on CUDA the token budget decides)",
+    "token_budget": "most tokens (sequences x padded length) in one forward pass (auto: sized for the device)",
+    "dtype": "model weights: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16",
     "verbalizer_space": "masked LMs: 1 reads the space-prefixed label word (e.g. 'Ġgreat'), 0 the bare one",
     "random_stream": "per_site: a search stream per (seed, site, round); shared: one stream (public example)",
     "label_scale": "sentence encoders: class score = cosine similarity x this",
@@ -120,17 +119,26 @@ _CHOICES = {
     "perturb_scope": ["text", "all"],
     "llama_causal": [0, 1],
     "model_type": ["auto", "mlm", "causal", "encoder"],
-    "dtype": ["float32", "bfloat16", "float16"],
+    "dtype": [AUTO, "float32", "bfloat16", "float16"],
     "verbalizer_space": [0, 1],
     "random_stream": ["per_site", "shared"],
     "prompt_at": ["auto", "embeddings", "word_embeddings"],
 }
 
 
+def _int_or_auto(value: str) -> int | str:
+    if value == AUTO:
+        return AUTO
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {value!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="FedBPT site: federated black-box prompt tuning", exit_on_error=False)
     for f in fields(ClientConfig):
-        kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
+        kind = {"int": int, "int | None": int, "int | str": _int_or_auto, "float": float}.get(str(f.type), str)
         parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=_HELP[f.name],
                             choices=_CHOICES.get(f.name))  # fmt: skip
     return parser
@@ -154,7 +162,7 @@ def validate(cfg: ClientConfig) -> None:
     get_task(cfg.task_name)
     positive = ("n_prompt_tokens", "intrinsic_dim", "k_shot", "local_iter", "num_users", "batch_size", "token_budget")
     for name in positive:
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+        if getattr(cfg, name) not in (None, AUTO) and getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.local_popsize < 2:
         raise ValueError(f"--local_popsize must be >= 2 for CMA-ES, got {cfg.local_popsize}")

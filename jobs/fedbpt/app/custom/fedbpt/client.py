@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .blackbox import Batch, BlackBox, BlackBoxConfig
+from .blackbox import BlackBox, BlackBoxConfig
 from .config import ClientConfig, site_data_dir
 from .data import Split, k_shot_pools, load_split, site_index, site_shards
 from .search import GlobalPrompt, LocalResult, derive_seed, local_search
@@ -125,21 +125,25 @@ class FedBPTClient:
         The random stream comes from (job seed, site name, the server's round), so a job resumed from a
         checkpoint continues the streams instead of replaying round 0's."""
         t0 = time.perf_counter()
+        bb = self.blackbox
         self.accept(start)
         round_ = start.round
+        tokens = bb.padded_tokens, bb.attended_tokens
         metrics = self.evaluate(start.mean)
         shared = self.cfg.random_stream == "shared"
         seed = derive_seed(self.cfg.seed, self.site, round_, shared=shared)
-        perturbed: Batch | None = None
-        if self.cfg.perturb:
-            rng = np.random.default_rng(seed)  # one perturbed copy per round
-            perturbed = self.blackbox.perturb(self.train, self.cfg.perturb_rate, rng, self.cfg.perturb_scope)
+        rows = self.train
+        if self.cfg.perturb:  # one perturbed copy per round, scored beside the clean rows
+            rng = np.random.default_rng(seed)
+            rows = self.train.concat(bb.perturb(self.train, self.cfg.perturb_rate, rng, self.cfg.perturb_scope))
 
         def objective(z: np.ndarray) -> np.ndarray:
-            return self.blackbox.fitness(z, self.train, perturbed)
+            return bb.fitness(z, rows, n_clean=len(self.train))
 
         result = local_search(objective, start, self.cfg.local_popsize, self.cfg.local_iter, seed)
         metrics.update(local_fitness=result.fitness, local_sigma=float(result.sigmas[-1]),
+                       padded_tokens=float(bb.padded_tokens - tokens[0]),
+                       attended_tokens=float(bb.attended_tokens - tokens[1]),
                        seconds=time.perf_counter() - t0)  # fmt: skip
         log.info("%s round %d: dev loss %.4f acc %.4f%s | local fitness %.4f sigma %.3g | %.1f s", self.site,
                  round_, metrics["dev_loss"], metrics["dev_acc"],

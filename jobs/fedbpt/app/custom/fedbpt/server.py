@@ -147,6 +147,9 @@ def aggregate_round(
         "missing": missing,
         "local_fitness": float(np.mean([r.result.fitness for r in used])),
     }
+    for key in ("padded_tokens", "attended_tokens"):  # what the sites' forwards cost this round
+        if any(key in r.metrics for r in used):
+            row[key] = int(sum(r.metrics.get(key, 0) for r in used))
     if row["dev_loss"] is not None and row["dev_loss"] < state.best_dev_loss:
         state = replace(state, best_round=state.round, best_dev_loss=row["dev_loss"], best_mean=state.mean.copy())
     update = update_with_clipping(state, [r.result for r in used], step_rule)
