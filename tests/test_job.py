@@ -100,6 +100,7 @@ def test_readme_cpu_variant_runs_in_the_simulator(tmp_path, tiny_roberta):
         assert row["sites"] == ["site-1", "site-2"] and row["dropped"] == {} and row["missing"] == []
         assert 0.0 <= row["dev_acc"] <= 1.0 and 0.0 <= row["test_acc"] <= 1.0
         assert 0 < max(row["bytes_up"]) and 0 < row["bytes_down"]
+        assert row["attended_tokens"] <= row["padded_tokens"] <= 1.05 * row["attended_tokens"]
     assert nvflare_rows[1]["sigma"] == pytest.approx(nvflare_rows[0]["next_sigma"])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["best_round"] in (0, 1)

@@ -28,6 +28,15 @@ def test_dev_metrics_are_weighted_by_dev_examples_and_test_comes_from_evaluators
     assert row["dev_loss"] == pytest.approx((0.2 * 30 + 0.6 * 10) / 40)
     assert row["test_acc"] == pytest.approx(0.8)
     assert row["sites"] == ["site-1", "site-2"] and row["round"] == 0 and row["sigma"] == 1.0
+    assert "padded_tokens" not in row  # only when the sites report what their forwards cost
+
+
+def test_row_sums_the_sites_padded_and_attended_tokens():
+    a, b = report("site-1", 0.1, 0.2, 30), report("site-2", 0.2, 0.6, 10)
+    a.metrics.update(padded_tokens=1040.0, attended_tokens=1000.0)
+    b.metrics.update(padded_tokens=520.0, attended_tokens=500.0)
+    _, row = aggregate_round(init_state(D, 1.0, 7), [a, b])
+    assert (row["padded_tokens"], row["attended_tokens"]) == (1560, 1500)
 
 
 def test_bad_results_are_dropped_and_named():

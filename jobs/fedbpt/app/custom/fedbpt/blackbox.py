@@ -189,6 +189,7 @@ class BlackBox:
         self.placeholder_ids = self.encoder.placeholder_ids
         self.max_length = self.encoder.max_length
         self.label_ids = self.encoder.label_ids(cfg.verbalizer_space) if self.kind != "encoder" else None
+        self._label_index = torch.tensor(self.label_ids or [], dtype=torch.long, device=self.device)
         self.label_embeddings = self._label_embeddings() if self.kind == "encoder" else None
         log.info("loaded %s (%s, hidden %d, vocab %d) on %s in %s; prompt added at the %s output; forwards of at "
                  "most %d rows and %d tokens", cfg.model_name, self.kind, self.hidden, self.vocab_size, self.device,
@@ -336,7 +337,7 @@ class BlackBox:
             pooled = _mean_pool(hidden.float(), attention & ~batch.prompt[ex, :length])
             return self.cfg.label_scale * F.normalize(pooled, dim=-1) @ self.label_embeddings.T
         h = hidden[torch.arange(len(ex), device=ex.device), batch.answer[ex]]
-        return self.head(h)[:, self.label_ids].float()
+        return self.head(h)[:, self._label_index].float()
 
     def loss_tensor(self, scores: torch.Tensor, labels: torch.Tensor, loss_type: str | None = None) -> torch.Tensor:
         """Loss per candidate (P,) from scores (P, n, C), on the scores' device: ce, hinge (margin 2), perf."""
