@@ -1,4 +1,4 @@
-"""Using what a run learnt: fedbpt.predict, fedbpt.export with the README's snippet."""
+"""Using what a run learnt: fedbpt.predict, fedbpt.export with the README's snippet, fedbpt.plot."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, build_tiny_roberta
-from fedbpt import export, predict
+from fedbpt import export, plot, predict
 from fedbpt.blackbox import BlackBox, BlackBoxConfig
 from fedbpt.config import parse_args
 from fedbpt.data import load_file
@@ -280,3 +280,51 @@ def test_export_bad_input_gives_one_line(argv, message, tiny_run, minilm_dir, tm
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("fedbpt.export: error: ") and re.search(message, last), last
     assert not (tmp_path / "p.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# fedbpt.plot
+
+
+def test_plot_marks_the_round_selected_on_dev_and_draws_sigma(tiny_run, tmp_path, capsys):
+    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    best = json.loads((tiny_run / "summary.json").read_text())["best_round"]
+    assert best == min(rows, key=lambda r: r["dev_loss"])["round"]
+    code, out, _ = run_main(plot, [tiny_run, "--out", tmp_path / "fig.png"], capsys)
+    assert code == 0 and f"selected round {best}" in out
+    png = (tmp_path / "fig.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert json.loads((tmp_path / "fig.json").read_text()) == rows
+
+    fig = plot.figure(rows, best)
+    acc, sig = fig.axes
+    star = next(line for line in acc.get_lines() if line.get_marker() == "*")
+    assert list(star.get_xdata()) == [best] and list(star.get_ydata()) == [rows[best]["test_acc"]]
+    curves = {line.get_label(): list(line.get_ydata()) for line in acc.get_lines()}
+    assert curves["test accuracy (evaluator sites)"] == [r["test_acc"] for r in rows]
+    assert list(sig.get_lines()[0].get_ydata()) == [r["sigma"] for r in rows]
+    # without summary.json the selected round is still the one with the lowest dev loss
+    assert plot.selected_round(tmp_path, rows) == best
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("missing dir", r"RUN_DIR .*/gone: no such directory"),
+        ("no metrics", r"metrics.jsonl: no such file; give the run directory that holds metrics.jsonl"),
+        ("foreign line", r"metrics.jsonl line 2: not a FedBPT metrics row \(it lacks dev_loss, sigma\)"),
+        ("not png", r"--out .*fig.pdf: give a file name ending in .png"),
+    ],
+)
+def test_plot_bad_input_gives_one_line(setup, message, tmp_path, capsys):
+    run_dir = tmp_path / ("gone" if setup == "missing dir" else "run")
+    if setup != "missing dir":
+        run_dir.mkdir()
+    good = {"round": 0, "dev_loss": 0.5, "dev_acc": 0.5, "sigma": 1.0}
+    if setup in ("foreign line", "not png"):
+        second = {"round": 1, "dev_acc": 0.5} if setup == "foreign line" else {**good, "round": 1}
+        (run_dir / "metrics.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(second) + "\n")
+    out = tmp_path / ("fig.pdf" if setup == "not png" else "fig.png")
+    code, _, err = run_main(plot, [run_dir, "--out", out], capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("fedbpt.plot: error: ") and re.search(message, last), last
