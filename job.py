@@ -55,7 +55,7 @@ def build_job(server: argparse.Namespace, app_config: str):
     job.to_server(FedBPTPersistor(server.intrinsic_dim, server.sigma, server.seed, server.covariance), id="persistor")
     job.to_server(FedBPTShareableGenerator(), id="shareable_generator")
     job.to_server(FedBPTAggregator(step_rule=server.step_rule, max_step=server.max_step), id="aggregator")
-    job.to_server(TBAnalyticsReceiver(events=["fed.analytix_log_stats"]), id="receiver")
+    job.to_server(TBAnalyticsReceiver(events=["fed.analytix_log_stats", "analytix_log_stats"]), id="receiver")
     job.to_server(str(SRC))  # app/custom gets src/ as `nvflare job create -sd ./src` copies it
     runner = ScriptRunner(
         script=str(SRC / "fedbpt_train.py"),
