@@ -22,6 +22,7 @@ SRC = Path(__file__).resolve().parent / "src"
 sys.path.insert(0, str(SRC))
 
 from fedbpt.config import parse_args  # noqa: E402
+from fedbpt.privacy import UploadPrivacy  # noqa: E402
 from fedbpt.search import COVARIANCES, MAX_STEP, STEP_RULES  # noqa: E402
 
 DEFAULT_INTRINSIC_DIM = 500  # the template's, and the paper's
@@ -55,7 +56,7 @@ def build_job(server: argparse.Namespace, app_config: str):
     job.to_server(FedBPTPersistor(server.intrinsic_dim, server.sigma, server.seed, server.covariance), id="persistor")
     job.to_server(FedBPTShareableGenerator(), id="shareable_generator")
     job.to_server(FedBPTAggregator(step_rule=server.step_rule, max_step=server.max_step), id="aggregator")
-    job.to_server(TBAnalyticsReceiver(events=["fed.analytix_log_stats"]), id="receiver")
+    job.to_server(TBAnalyticsReceiver(events=["fed.analytix_log_stats", "analytix_log_stats"]), id="receiver")
     job.to_server(str(SRC))  # app/custom gets src/ as `nvflare job create -sd ./src` copies it
     runner = ScriptRunner(
         script=str(SRC / "fedbpt_train.py"),
@@ -64,6 +65,14 @@ def build_job(server: argparse.Namespace, app_config: str):
         framework=FrameworkType.NUMPY,  # the default (PyTorch) would silently drop numpy params
     )
     job.to_clients(runner, tasks=["train"])
+    if server.clip_norm > 0:  # optional privacy for uploads, as the template's filters with clip_norm > 0
+        from nvflare.job_config.defs import FilterType
+
+        from fedbpt.nvflare_privacy import ClipAndNoiseUpdate, RecordBroadcastMean
+
+        job.to_clients(RecordBroadcastMean(), filter_type=FilterType.TASK_DATA, tasks=["train"])
+        upload = ClipAndNoiseUpdate(server.clip_norm, server.noise_multiplier)
+        job.to_clients(upload, filter_type=FilterType.TASK_RESULT, tasks=["train"])
     job.to_clients(str(SRC))
     return job
 
@@ -85,6 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step_rule", choices=STEP_RULES, default="eq6")
     parser.add_argument("--covariance", choices=COVARIANCES, default="diag")
     parser.add_argument("--patience", type=int, default=0, help="early stop after N rounds without a better dev loss")
+    parser.add_argument("--clip_norm", type=float, default=0.0,
+                        help="sites clip their update (local mean - received mean) to this norm (0: off)")  # fmt: skip
+    parser.add_argument("--noise_multiplier", type=float, default=0.0,
+                        help="sites add N(0, (this x clip_norm)^2) to each coordinate of their update")  # fmt: skip
     split = argv.index("--") if "--" in argv else len(argv)
     server = parser.parse_args(argv[:split])
     site_argv = argv[split + 1 :]
@@ -92,6 +105,10 @@ def main(argv: list[str] | None = None) -> None:
         site = parse_args(site_argv)  # fail here, naming the flag, rather than in every site process
     except (ValueError, FileNotFoundError) as e:
         parser.error(f"site flag: {e}")
+    try:
+        UploadPrivacy(server.clip_norm, server.noise_multiplier)
+    except ValueError as e:
+        parser.error(f"--{e}")
     server.min_clients = server.min_clients or server.n_clients
     server.seed = site.seed if server.seed is None else server.seed
     server.intrinsic_dim = server.intrinsic_dim or site.intrinsic_dim or DEFAULT_INTRINSIC_DIM

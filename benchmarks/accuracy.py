@@ -116,13 +116,14 @@ class Bench:
         acc = self.test_acc(seed, np.zeros(self.setting["intrinsic_dim"]))
         return {"best_test": acc, "final_test": acc, "curve": [], "forwards": 0}
 
-    def fedbpt(self, seed: int, curve: bool, **overrides) -> dict:
+    def fedbpt(self, seed: int, curve: bool, privacy=None, on_round=None, **overrides) -> dict:
+        """A FedBPT run of the standalone loop; ``privacy`` and ``on_round`` go to run_federation."""
         step_rule = overrides.pop("step_rule", "eq6")
         cfg = self.site_config(seed, eval_clients="site-1" if curve else "", **overrides)
         self.args.runs_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="tmp-", dir=self.args.runs_dir) as run_dir:
             rows = run_federation(cfg, ServerConfig(num_rounds=self.args.rounds, step_rule=step_rule), run_dir,
-                                  blackbox=self.box(seed))  # fmt: skip
+                                  blackbox=self.box(seed), on_round=on_round, privacy=privacy)  # fmt: skip
             summary = json.loads((Path(run_dir) / "summary.json").read_text())
             with np.load(Path(run_dir) / "best_prompt.npz") as best, np.load(Path(run_dir) / "final_prompt.npz") as f:
                 best_z, final_z = best["z"], f["z"]

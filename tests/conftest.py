@@ -21,8 +21,10 @@ def need_shared(path: Path = SHARED_DATA) -> Path:
     return path
 
 
-def build_tiny_roberta(out: Path, seed: int = 0, max_positions: int = 130) -> Path:
-    """A 2-layer RoBERTa masked LM with the real RoBERTa tokenizer, saved like a hub checkpoint."""
+def build_tiny_roberta(out: Path, seed: int = 0, max_positions: int = 130, initializer_range: float = 0.02) -> Path:
+    """A 2-layer RoBERTa masked LM with the real RoBERTa tokenizer, saved like a hub checkpoint.
+
+    With the default initializer_range a random model barely reads the prompt; 1.0 makes its answers move."""
     import torch
     from transformers import RobertaConfig, RobertaForMaskedLM, RobertaTokenizer
 
@@ -38,6 +40,7 @@ def build_tiny_roberta(out: Path, seed: int = 0, max_positions: int = 130) -> Pa
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         architectures=["RobertaForMaskedLM"],
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     RobertaForMaskedLM(config).save_pretrained(out)

@@ -112,6 +112,10 @@ def test_readme_cpu_variant_runs_in_the_simulator(tmp_path, tiny_roberta):
     with np.load(run_dir / "fedbpt_state.npz") as state:
         assert int(state["round"]) == 2
     assert list((run_dir / "tb_events").glob("site-1/events.out.tfevents.*")), "no TensorBoard events"
+    server_events = server_scalars(run_dir / "tb_events" / "simulator_server")  # the simulator's server name
+    for key in ("dev_acc", "test_acc", "dev_loss", "sigma"):
+        assert [step for step, _ in server_events[key]] == [r["round"] for r in nvflare_rows]
+        assert [value for _, value in server_events[key]] == pytest.approx([r[key] for r in nvflare_rows], rel=1e-6)
 
     # the standalone loop runs the same site and server code: same flags and seed, same global mean
     client_conf = (root / "jobs" / "fedbpt_cpu" / "app" / "config" / "config_fed_client.conf").read_text()
@@ -126,6 +130,15 @@ def test_readme_cpu_variant_runs_in_the_simulator(tmp_path, tiny_roberta):
         np.testing.assert_array_equal(seen[-1][2].mean, alone["mean"])
         assert float(alone["sigma"]) == pytest.approx(float(state["sigma"]), rel=1e-6)
     assert [r["dev_acc"] for r in rows] == pytest.approx([r["dev_acc"] for r in nvflare_rows])
+
+
+def server_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The (step, value) points of every scalar the server wrote to TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    return {tag: [(p.step, p.value) for p in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def projection_of(prompt) -> np.ndarray:

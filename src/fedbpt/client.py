@@ -100,10 +100,12 @@ class FedBPTClient:
 
     def description(self) -> dict:
         """What the server needs once: how to turn z into the soft prompt (L x H) and use it without the
-        federation, the projection's fingerprint, and the sizes it checks the site's reports against."""
+        federation (sigma and alpha let fedbpt.predict rebuild the projection scale from the model), the
+        projection's fingerprint, and the sizes it checks the site's reports against."""
         task = get_task(self.cfg.task_name)
         return {**self.blackbox.description(), "k_shot": self.cfg.k_shot, "num_labels": task.num_labels,
-                "local_popsize": self.cfg.local_popsize, "local_iter": self.cfg.local_iter}  # fmt: skip
+                "local_popsize": self.cfg.local_popsize, "local_iter": self.cfg.local_iter,
+                "sigma": self.cfg.sigma, "alpha": self.cfg.alpha}  # fmt: skip
 
     def accept(self, start: GlobalPrompt) -> None:
         """Take the search dimension from the server's message; a site that asked for another one stops."""

@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import time
 
+from nvflare.apis.analytix import ANALYTIC_EVENT_TYPE, AnalyticsDataType
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
+from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.abstract.aggregator import Aggregator
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
@@ -29,6 +31,10 @@ from nvflare.fuel.utils import fobs
 
 from .search import COVARIANCES, MAX_STEP, STEP_RULES, ServerState, decode_up, encode_down, init_state, load_state
 from .server import STATE_FILE, RunRecorder, SiteReport, aggregate_round
+
+# The global figures of each round that the aggregator sends to TensorBoard (the same tags as the sites'
+# scalars, so that TensorBoard draws the server's curve beside each site's).
+SERVER_SCALARS = ("dev_acc", "test_acc", "dev_loss", "sigma")
 
 
 def wire_bytes(shareable: Shareable) -> int:
@@ -174,6 +180,7 @@ class FedBPTAggregator(Aggregator):
         )
         self.recorder = self.recorder or RunRecorder(run_dir(fl_ctx))
         self.recorder.record(row, new_state, self.descriptions.get(new_state.fingerprint_site))
+        self.send_scalars(row, fl_ctx)
         self.log_info(
             fl_ctx,
             f"round {row['round']}: dev loss {row['dev_loss']:.4f} acc {row['dev_acc']:.4f}"
@@ -186,6 +193,20 @@ class FedBPTAggregator(Aggregator):
 
     def reset(self, fl_ctx: FLContext) -> None:
         self.reports, self.refused = [], {}
+
+    def send_scalars(self, row: dict, fl_ctx: FLContext) -> None:
+        """The round's global dev and test accuracy, dev loss and sigma as NVFlare analytics events: the
+        server's TBAnalyticsReceiver (listening to local "analytix_log_stats" events) writes them into
+        <run dir>/tb_events/<server name>/ with the round as the step; no torch needed."""
+        engine = fl_ctx.get_engine()
+        if engine is None:  # outside a running job: nobody to tell
+            return
+        with engine.new_context() as ctx:  # the event data does not linger in the round's context
+            for key in SERVER_SCALARS:
+                if row.get(key) is not None:
+                    dxo = create_analytic_dxo(key, float(row[key]), AnalyticsDataType.SCALAR,
+                                              global_step=int(row["round"]))  # fmt: skip
+                    send_analytic_dxo(self, dxo, ctx, event_type=ANALYTIC_EVENT_TYPE)
 
 
 class FedBPTScatterAndGather(ScatterAndGather):

@@ -59,6 +59,21 @@ def load_split(task: Task, split: str, data_dir: str | None = None) -> Split:
     return _load_file(task, _find_split_file(Path(data_dir), split))
 
 
+def load_file(task: Task, path: str | Path) -> Split:
+    """One labelled data file of ``task`` in a format ``--data_dir`` accepts (.tsv, .csv or .jsonl with the
+    task's Hugging Face column names), e.g. a held-out set to evaluate a prompt on."""
+    path = Path(path)
+    if path.suffix not in _EXTENSIONS:
+        raise ValueError(f"{path}: give a {', '.join(_EXTENSIONS)} file with the columns {_columns(task)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return _load_file(task, path)
+
+
+def _columns(task: Task) -> str:
+    return ", ".join((*task.text_fields, task.label_field))
+
+
 def _load_hf(task: Task, split: str) -> Split:
     hf_split = _HF_SPLIT[split]
     try:

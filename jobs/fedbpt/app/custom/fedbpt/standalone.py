@@ -16,9 +16,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from .blackbox import BlackBox
 from .client import FedBPTClient, blackbox_config, load_task_data
 from .config import ClientConfig, parse_args
+from .data import site_index
+from .privacy import UploadPrivacy, privatize
 from .search import COVARIANCES, STEP_RULES, ServerState, decode_down, decode_up, encode_down, encode_up, init_state
 from .server import RunRecorder, SiteReport, aggregate_round
 
@@ -44,12 +48,15 @@ def run_federation(
     blackbox: BlackBox | None = None,
     num_sites: int | None = None,
     on_round: Callable[[ServerState, list[SiteReport], ServerState], None] | None = None,
+    privacy: UploadPrivacy | None = None,
 ) -> list[dict]:
     """Run ``server.num_rounds`` rounds over sites site-1..site-K (K = ``num_sites`` or ``--num_users``);
     writes the same outputs as the NVFlare job into ``run_dir`` and returns the metrics rows.
 
     ``on_round(state, reports, next_state)``, if given, sees every round's starting state, the sites'
-    reports as decoded and the state the server moves to: for measurements that must not change the run."""
+    reports as decoded and the state the server moves to: for measurements that must not change the run.
+    ``privacy``, if enabled, clips and noises every upload as the job's ClipAndNoiseUpdate filter does
+    (with noise seeded by the job seed, site and round, so that a run can be repeated)."""
     blackbox = blackbox or BlackBox(blackbox_config(cfg))
     data = load_task_data(cfg, with_test=bool(cfg.evaluators))
     sites = [FedBPTClient(cfg, f"site-{i + 1}", blackbox, data) for i in range(num_sites or cfg.num_users)]
@@ -64,10 +71,14 @@ def run_federation(
         for site in sites:
             result, metrics = site.run_round(start)
             descriptions.setdefault(site.site, site.description())
+            params, meta = encode_up(result)
+            if privacy is not None and privacy.enabled:  # what the filter does to the message, on the site
+                rng = np.random.default_rng([cfg.seed, site_index(site.site, len(sites)), start.round, 0x9D])
+                params["mean"] = privatize(params["mean"], start.mean, privacy, rng)[0].astype(np.float32)
             reports.append(
                 SiteReport(
                     site.site,
-                    decode_up(*encode_up(result)),
+                    decode_up(params, meta),
                     metrics,
                     fingerprint=site.blackbox.fingerprint,
                     description=descriptions[site.site],
@@ -98,12 +109,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step_rule", choices=STEP_RULES, default=ServerConfig.step_rule)
     parser.add_argument("--covariance", choices=COVARIANCES, default=ServerConfig.covariance)
     parser.add_argument("--patience", type=int, default=0, help="early stop after N rounds without a better dev loss")
+    parser.add_argument("--clip_norm", type=float, default=0.0, help="clip each upload's update to this norm (0: off)")
+    parser.add_argument("--noise_multiplier", type=float, default=0.0,
+                        help="add N(0, (this x clip_norm)^2) to each coordinate of each upload's update")  # fmt: skip
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     server = ServerConfig(num_rounds=args.num_rounds, intrinsic_dim=args.intrinsic_dim, sigma=args.server_sigma,
                           step_rule=args.step_rule, covariance=args.covariance, patience=args.patience)  # fmt: skip
-    run_federation(parse_args(argv[split + 1 :]), server, args.run_dir)
+    try:
+        privacy = UploadPrivacy(args.clip_norm, args.noise_multiplier)
+    except ValueError as e:
+        parser.error(f"--{e}")
+    run_federation(parse_args(argv[split + 1 :]), server, args.run_dir, privacy=privacy)
 
 
 if __name__ == "__main__":
