@@ -126,7 +126,8 @@ _CHOICES = {
 }
 
 
-def _int_or_auto(value: str) -> int | str:
+def int_or_auto(value: str) -> int | str:
+    """A flag value that is a whole number or ``auto``."""
     if value == AUTO:
         return AUTO
     try:
@@ -138,7 +139,7 @@ def _int_or_auto(value: str) -> int | str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="FedBPT site: federated black-box prompt tuning", exit_on_error=False)
     for f in fields(ClientConfig):
-        kind = {"int": int, "int | None": int, "int | str": _int_or_auto, "float": float}.get(str(f.type), str)
+        kind = {"int": int, "int | None": int, "int | str": int_or_auto, "float": float}.get(str(f.type), str)
         parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=_HELP[f.name],
                             choices=_CHOICES.get(f.name))  # fmt: skip
     return parser

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .blackbox import DTYPES, BlackBox
-from .config import DEFAULT_BATCH_SIZE, DEFAULT_TOKEN_BUDGET
+from .config import AUTO, int_or_auto
 from .data import Split, load_file
 from .prompt_file import PromptFile, PromptFileError, one_line, open_blackbox, read_prompt
 from .tasks import Task
@@ -167,9 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_name", help="the model (default: the prompt file's model_name)")
     parser.add_argument("--task_name", help="the task (default: the prompt file's task_name)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="most sequences in one forward")
-    parser.add_argument("--token_budget", type=int, default=DEFAULT_TOKEN_BUDGET, help="most tokens in one forward")
+    parser.add_argument(
+        "--dtype", default=AUTO, choices=[AUTO, *DTYPES], help="as the site flag (auto: the sites' choice)"
+    )
+    parser.add_argument("--batch_size", type=int_or_auto, default=AUTO, help="most sequences in one forward")
+    parser.add_argument("--token_budget", type=int_or_auto, default=AUTO, help="most tokens in one forward")
     return parser
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .blackbox import BlackBox, BlackBoxConfig, resolve_model_path
-from .config import DEFAULT_BATCH_SIZE, DEFAULT_TOKEN_BUDGET
+from .config import AUTO
 from .tasks import get_task
 
 # What a prompt file must hold to be used; RunRecorder writes these from the first site's description.
@@ -82,9 +82,9 @@ def open_blackbox(
     model_name: str | None = None,
     task_name: str | None = None,
     device: str = "auto",
-    dtype: str = "float32",
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    dtype: str = AUTO,
+    batch_size: int | str = AUTO,
+    token_budget: int | str = AUTO,
 ) -> BlackBox:
     """The BlackBox that the prompt was searched in: the file's model (or ``model_name``), projection and
     place, checked against the file: hidden size, projection fingerprint and the soft prompt itself."""
