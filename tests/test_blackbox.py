@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import need_roberta_bpe
 from fedbpt.blackbox import BlackBox, BlackBoxConfig, check_device, resolve_model_path
 from fedbpt.data import Split, load_split
 from fedbpt.tasks import get_task
@@ -229,6 +230,7 @@ def test_perturb_scope_all_hits_every_attended_token(roberta, examples):
 
 
 def test_causal_lm_reads_the_last_position(tiny_causal, examples):
+    need_roberta_bpe()
     bb = make(tiny_causal)
     assert bb.kind == "causal"
     batch = bb.encode(examples)
@@ -246,6 +248,7 @@ def test_causal_lm_reads_the_last_position(tiny_causal, examples):
 
 
 def test_masked_lm_verbalizer_forms(tiny_roberta, roberta):
+    need_roberta_bpe()
     tok = roberta.tokenizer
     assert roberta.label_ids == [tok.convert_tokens_to_ids(w) for w in ("bad", "great")]
     spaced = make(tiny_roberta, verbalizer_space=True)
