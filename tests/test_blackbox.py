@@ -58,8 +58,9 @@ def test_encoding_places_prompt_text_and_mask(roberta, examples):
     assert batch.prompt[:, 1:6].all() and not batch.prompt[:, 0].any()
     assert (batch.ids[torch.arange(12), batch.answer] == roberta.tokenizer.mask_token_id).all()
     assert not (batch.text & batch.prompt).any()
+    # the text positions decode to one of the examples (spaces aside: WordPiece does not keep them)
     first = roberta.tokenizer.decode(batch.ids[0][batch.text[0]])
-    assert first.strip() in [t[0] for t in examples.texts]
+    assert "".join(first.split()) in ["".join(t[0].split()) for t in examples.texts]
     # rows are sorted longest first, labels follow their rows
     lengths = batch.attention.sum(1)
     assert (lengths[:-1] >= lengths[1:]).all()
