@@ -124,8 +124,9 @@ class System:
         return left
 
     def kill_all(self, timeout: float = 30) -> list[int]:
-        """SIGKILL every marked process, by id, until none is left (a watchdog may start one more);
-        returns the ids it killed."""
+        """SIGKILL every marked process, by id, until none is left (a watchdog may start one more), and
+        wait until they are reaped: NVFlare reads a pid file's process, a zombie too, as a running
+        service. Returns the ids it killed."""
         killed: list[int] = []
         deadline = time.monotonic() + timeout
         while (pids := self.pids()) and time.monotonic() < deadline:
@@ -136,6 +137,8 @@ class System:
                 except ProcessLookupError:
                     pass
             self.wait_gone(pids, 5)
+        while any(os.path.exists(f"/proc/{pid}") for pid in killed) and time.monotonic() < deadline:
+            time.sleep(0.2)  # killed but not yet reaped by their parent (init, for daemonised ones)
         return killed
 
     def close(self, *folders: Path) -> None:
