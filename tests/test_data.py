@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -10,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import REPO_SST2, SHARED_DATA, need_shared
 from fedbpt.data import (
     Split,
     k_shot_pools,
@@ -21,15 +25,10 @@ from fedbpt.data import (
 )
 from fedbpt.tasks import get_task
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
 
 def shared(task_dir: str) -> Path:
-    """The shared data folder of one task, or a clean skip when ../shared/data is absent."""
-    path = DATA / task_dir
-    if not path.is_dir():
-        pytest.skip(f"../shared/data not found: {path} is missing (real task data lives next to the repo)")
-    return path
+    """The full copy of one task's data in ../shared/data, or a clean skip where it is absent."""
+    return need_shared(SHARED_DATA / task_dir)
 
 
 # --- k-shot pools ---------------------------------------------------------------------------------
@@ -170,10 +169,11 @@ def test_load_sst2_shared():
     assert train.texts[0] == ("hide new secretions from the parental units",)
 
 
-def test_load_sst2_unlabelled_test_raises():
-    d = shared("sst2")
+def test_load_unlabelled_test_file_raises(tmp_path: Path):
+    # GLUE's test.tsv has no labels (index, sentence): a clear error, not a silent guess
+    (tmp_path / "test.tsv").write_text("index\tsentence\n0\tuneasy mishmash of styles and genres .\n")
     with pytest.raises(ValueError, match="no 'label' column"):
-        load_split(get_task("sst2"), "test", str(d))
+        load_split(get_task("sst2"), "test", str(tmp_path))
 
 
 def test_load_mrpc_rte_snli_shared():
@@ -191,9 +191,41 @@ def test_load_mrpc_rte_snli_shared():
 
 
 def test_missing_split_file_names_flag():
-    d = shared("rte")
-    with pytest.raises(FileNotFoundError, match=r"no test file in .*rte.*test\.tsv.*--data_dir"):
-        load_split(get_task("rte"), "test", str(d))
+    # the repository's SST-2 folder has train and dev only
+    with pytest.raises(FileNotFoundError, match=r"no test file in .*sst2: expected one of test\.tsv.*--data_dir"):
+        load_split(get_task("sst2"), "test", str(REPO_SST2))
+
+
+# --- the repository's SST-2 copy (data/sst2) -------------------------------------------------------------
+
+
+def test_repo_sst2_is_what_its_source_file_says():
+    source = (REPO_SST2 / "SOURCE.md").read_text()
+    for name in ("train.tsv", "dev.tsv"):
+        digest = hashlib.sha256((REPO_SST2 / name).read_bytes()).hexdigest()
+        assert re.search(rf"^\| `{name}` \|.*\| `{digest}` \|$", source, re.M), (
+            f"{name}: sha256 {digest} not in SOURCE.md"
+        )
+    task = get_task("sst2")
+    train, dev = load_split(task, "train", str(REPO_SST2)), load_split(task, "dev", str(REPO_SST2))
+    assert len(train) == 2_000 and np.bincount(train.labels).tolist() == [1_000, 1_000]
+    assert len(dev) == 872 and np.bincount(dev.labels).tolist() == [428, 444]
+    assert not any(t[0] != t[0].rstrip() or not t[0] for t in train.texts + dev.texts)
+    # enough for the README's --k_shot 200: 200 per class for train and as many for dev
+    pools = k_shot_pools(train.labels, 200, 2, seed=1234)
+    assert [len(p) for p in pools] == [400, 400]
+    assert sum(f.stat().st_size for f in REPO_SST2.iterdir()) < 300_000
+
+
+def test_repo_sst2_sample_is_reproducible_from_the_full_copy(tmp_path: Path):
+    """The recipe in SOURCE.md, run on the full GLUE train file, writes data/sst2/train.tsv byte for byte,
+    and dev.tsv is the full copy's."""
+    full = shared("sst2")
+    recipe = re.search(r"```python\n(.*?)```", (REPO_SST2 / "SOURCE.md").read_text(), re.S).group(1)
+    (tmp_path / "train_full.tsv").symlink_to(full / "train.tsv")
+    subprocess.run([sys.executable, "-c", recipe], cwd=tmp_path, check=True, timeout=120)
+    assert (tmp_path / "train.tsv").read_bytes() == (REPO_SST2 / "train.tsv").read_bytes()
+    assert (full / "dev.tsv").read_bytes() == (REPO_SST2 / "dev.tsv").read_bytes()
 
 
 # --- synthetic files ------------------------------------------------------------------------------

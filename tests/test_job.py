@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,44 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, need_shared
+from conftest import REPO, readme_block, run, sandbox, set_vars
 from fedbpt.config import parse_args
 from fedbpt.standalone import ServerConfig, run_federation
 
 pytestmark = pytest.mark.slow
-
-
-def readme_block(name: str) -> str:
-    """The shell block that follows ``<!-- name -->`` in the README."""
-    text = (REPO / "README.md").read_text()
-    match = re.search(rf"<!-- {name} -->\s*```(?:bash|sh)?\n(.*?)```", text, re.S)
-    assert match, f"README.md has no block marked <!-- {name} -->"
-    return match.group(1)
-
-
-def set_vars(block: str, **values: str) -> str:
-    """Replace the README's own variable assignments (``NAME=...`` lines) by the test's values."""
-    for name, value in values.items():
-        block, n = re.subn(rf"(?m)^{name}=.*$", f"{name}={value}", block)
-        assert n == 1, f"the README block assigns {name} {n} times, expected once"
-    return block
-
-
-def sandbox(tmp_path: Path) -> Path:
-    """A copy of what the commands read (templates, sources), so that they can write ./jobs freely."""
-    root = tmp_path / "repo"
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for part in ("job_templates", "src"):
-        shutil.copytree(REPO / part, root / part, ignore=ignore)
-    (root / "jobs").mkdir()
-    os.symlink(REPO.parent / "shared", tmp_path / "shared")  # ../shared as seen from the copy
-    return root
-
-
-def run(script: str, cwd: Path, home: Path, timeout: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HOME": str(home), "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env, timeout=timeout,
-                          capture_output=True, text=True)  # fmt: skip
 
 
 def test_committed_job_folder_is_what_the_readme_command_writes(tmp_path):
@@ -83,7 +49,6 @@ def differences(a: Path, b: Path) -> list[str]:
 
 
 def test_readme_cpu_variant_runs_in_the_simulator(tmp_path, tiny_roberta):
-    need_shared()
     root = sandbox(tmp_path)
     home = tmp_path / "home"
     home.mkdir()
