@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import need_roberta_bpe
-from fedbpt.blackbox import BlackBox, BlackBoxConfig, check_device, resolve_model_path
+from fedbpt.blackbox import BlackBox, BlackBoxConfig, check_device, resolve_dtype, resolve_model_path
 from fedbpt.data import Split, load_split
 from fedbpt.tasks import get_task
 
@@ -320,3 +320,22 @@ def test_long_prompts_truncate_the_text_to_fit_exactly(tiny_roberta, examples):
     assert fits.attention.sum(1).max() == 128 and fits.text.sum(1).tolist() == [1] * len(examples)
     with pytest.raises(ValueError, match="--n_prompt_tokens 120 leaves no room"):
         make(tiny_roberta, n_prompt_tokens=120).encode(examples)
+
+
+def test_auto_dtype_is_float16_on_cuda_and_float32_on_the_cpu():
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.float16  # chosen without touching a GPU
+    assert resolve_dtype("bfloat16", torch.device("cuda", 0)) == torch.bfloat16
+    with pytest.raises(ValueError, match="--dtype 'half'"):
+        resolve_dtype("half", torch.device("cpu"))
+
+
+def test_float16_overflow_names_the_dtype_flag(tiny_roberta, examples):
+    bb = make(tiny_roberta, dtype="float16")
+    batch = bb.encode(examples)
+    assert torch.isfinite(bb.class_scores(np.zeros((2, 16)), batch)).all()
+    with torch.no_grad():  # activations beyond float16's 65,504, as some checkpoints reach
+        for norm in (m for m in bb.model.modules() if isinstance(m, torch.nn.LayerNorm)):
+            norm.weight.fill_(6e4)  # normalised values of a few units: beyond the range
+    with pytest.raises(FloatingPointError, match="--dtype float16.*use --dtype bfloat16 or float32"):
+        bb.class_scores(np.zeros((2, 16)), batch)
