@@ -129,7 +129,7 @@ def hooked_forward(bb: BlackBox, z: np.ndarray, batch) -> tuple[torch.Tensor, to
 @pytest.mark.parametrize("model", ["tiny_roberta", "minilm_dir"])
 @pytest.mark.parametrize("mode", ["add", "cat"])
 def test_prompt_enters_at_the_embeddings_output_as_in_bbt(request, examples, model, mode):
-    bb = in_one_forward(make(request.getfixturevalue(model), cat_or_add=mode))
+    bb = in_one_forward(make(request.getfixturevalue(model), cat_or_add=mode, prompt_at="embeddings"))
     assert bb.prompt_at == "embeddings" and bb.kind in ("mlm", "encoder")
     batch = bb.encode(examples)
     real = batch.attention.unsqueeze(-1)  # padded positions carry no meaning
@@ -145,6 +145,11 @@ def test_prompt_enters_at_the_embeddings_output_as_in_bbt(request, examples, mod
         zero_hidden, zero_scores = manual_forward(bb, np.zeros((1, 16)), batch)
         assert torch.allclose(plain * real, zero_hidden * real, atol=1e-6, rtol=0)
         assert torch.allclose(plain_scores, zero_scores, atol=1e-6, rtol=0)
+
+
+def test_auto_place_is_bbts_for_masked_lms_and_the_input_embeddings_for_sentence_encoders(tiny_roberta, minilm_dir):
+    assert make(tiny_roberta).prompt_at == "embeddings"  # the paper's place
+    assert make(minilm_dir).prompt_at == "word_embeddings"  # measured: see AUTO_PLACE
 
 
 def test_prompt_at_word_embeddings_keeps_the_old_place(tiny_roberta, examples):

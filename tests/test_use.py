@@ -256,7 +256,7 @@ def test_export_holds_the_rows_fedbpt_adds_and_where(minilm_prompt, tmp_path, ca
     with safe_open(str(out), framework="np") as f:
         meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     file = read_prompt(minilm_prompt)
-    assert meta["model_type"] == "encoder" and meta["prompt_at"] == "embeddings" and meta["cat_or_add"] == "add"
+    assert meta["model_type"] == "encoder" and meta["prompt_at"] == "word_embeddings" and meta["cat_or_add"] == "add"
     np.testing.assert_allclose(t["soft_prompt"], file.soft_prompt, rtol=1e-5, atol=1e-7)
     assert t["placeholder_ids"].tolist() == list(range(1000, 1010)) and t["label_embeddings"].shape == (2, 384)
     start = int(meta["prompt_start"])

@@ -50,7 +50,13 @@ def main() -> None:
         if error:
             flare.send(flare.FLModel(params={}, meta={"error": error}))
             continue
-        result, metrics = client.run_round(start)
+        try:
+            result, metrics = client.run_round(start)
+        except FloatingPointError as e:  # float16 overflow: every round would overflow again, so say why, once
+            error = f"{site} cannot take part: {e}"
+            log.error(error)
+            flare.send(flare.FLModel(params={}, meta={"error": error}))
+            continue
         for key in TRACKED:
             if key in metrics:
                 writer.add_scalar(key, metrics[key], global_step=start.round)

@@ -102,7 +102,7 @@ _HELP = {
     "alpha": "alpha in the projection scale",
     "batch_size": "most sequences in one forward pass (auto: 128 on the CPU; on CUDA the token budget decides)",
     "token_budget": "most tokens (sequences x padded length) in one forward pass (auto: sized for the device)",
-    "dtype": "model weights: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16",
+    "dtype": "model weights: auto (float16 on CUDA, float32 on the CPU), float32, bfloat16 or float16",
     "verbalizer_space": "masked LMs: 1 reads the space-prefixed label word (e.g. 'Ġgreat'), 0 the bare one",
     "random_stream": "per_site: a search stream per (seed, site, round); shared: one stream (public example)",
     "label_scale": "sentence encoders: class score = cosine similarity x this",
