@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROBERTA_TOKENIZER, SHARED_DATA, need_shared
+from conftest import REPO_SST2, ROBERTA_TOKENIZER, SHARED_DATA, tiny_tokenizer
 from fedbpt.encoding import Batch, Encoder, plan_chunks
 from fedbpt.tasks import get_task
 
@@ -87,13 +87,15 @@ def test_batch_concat_keeps_rows_positions_and_lengths():
 
 @pytest.fixture(scope="module")
 def readme_site() -> Batch:
-    """A site of the README's configuration: 40 SST-2 train examples, RoBERTa's tokens, 50 prompt tokens."""
-    from transformers import RobertaTokenizer
-
+    """A site of the README's configuration: 40 SST-2 train examples, 50 prompt tokens. RoBERTa's tokens and
+    the full GLUE train file where ../shared has them; else (a fresh clone) all-MiniLM-L6-v2's WordPiece
+    tokens and the repository's 2,000-row sample: the padding bound holds for both."""
     from fedbpt.data import load_split
 
-    tokenizer = RobertaTokenizer(tokenizer_file=str(need_shared(ROBERTA_TOKENIZER)))
-    train = load_split(get_task("sst2"), "train", str(SHARED_DATA / "sst2"))
+    tokenizer = tiny_tokenizer()
+    full = SHARED_DATA / "sst2"
+    folder = full if ROBERTA_TOKENIZER.exists() and full.exists() else REPO_SST2
+    train = load_split(get_task("sst2"), "train", str(folder))
     pick = np.random.default_rng(1234).permutation(len(train))[:40]
     encoder = Encoder(tokenizer, get_task("sst2"), "mlm", 50, 512, len(tokenizer), "roberta-large")
     return encoder.encode(train.subset(pick))
