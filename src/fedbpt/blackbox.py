@@ -35,9 +35,8 @@ PROMPT_PLACES = ("auto", "embeddings", "word_embeddings")
 # What "auto" means for each kind of model. Masked LMs: the paper's and BBT's place. Sentence encoders: the
 # input embeddings, measured on all-MiniLM-L6-v2 (README, Results): there the search reached a lower pooled
 # dev loss on SST-2 in all 3 seeds, for FedBPT and FedAvg-BBT alike (16 rounds), and on Yelp polarity
-# (0.527 against 0.566). A sentence encoder has no LM head trained to read prompt-like states, and the
-# stronger push (about 7x) is what its search needs; the price is a bumpier start (on Yelp the dev loss
-# rose for 2 rounds before falling), which selection on dev absorbs.
+# (0.527 against 0.566). There the same prompt weighs about 7 times more; the price seen was a bumpier
+# start (on Yelp the dev loss rose for 2 rounds before falling), which selection on dev absorbs.
 AUTO_PLACE = {"mlm": "embeddings", "encoder": "word_embeddings", "causal": "word_embeddings"}
 # The fixed cost of one forward pass, in padded tokens: a cut between two forwards must save more padding
 # than this. On this project's 2-core CPU a forward of all-MiniLM-L6-v2 costs about the same per token from
@@ -103,8 +102,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
     Why float16 and not bfloat16: CMA-ES uses only the ranking of a generation's candidates, and their
     fitnesses differ by about 1% (mean spread 0.010 on all-MiniLM-L6-v2 at the README's shapes). bfloat16
-    keeps 8 bits of mantissa, and its fitness error (up to 0.003) reorders them: Spearman 0.915 on average
-    against float32, 0.6 at worst, the same best candidate in 80% of 20 generations. float16's 11 bits
+    keeps 8 significant bits, and its fitness error (up to 0.003) reorders them: Spearman 0.915 on average
+    against float32, 0.6 at worst, the same best candidate in 80% of 20 generations. float16's 11
     kept every ranking (1.000, benchmarks/precision.py). Both run at the same speed on tensor cores;
     float16's narrower range is guarded in ``class_scores``."""
     if dtype != "auto" and dtype not in DTYPES:
