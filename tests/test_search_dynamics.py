@@ -44,6 +44,7 @@ def test_without_signal_sigma_neither_grows_nor_shrinks_over_200_rounds(k):
     for _ in range(200):
         state = server_update(state, site_results(state, k, seed=k))
         sigmas.append(state.sigma)
+    print(f"K = {k}: sigma after 200 rounds {sigmas[-1]:.3f} (min {min(sigmas):.3f}, max {max(sigmas):.3f})")
     assert 0.8 <= sigmas[-1] <= 1.25, sigmas[::20]
     assert 0.8 <= min(sigmas) and max(sigmas) <= 1.25
 

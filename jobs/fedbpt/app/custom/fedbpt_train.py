@@ -47,14 +47,13 @@ def main() -> None:
         start = decode_down(received.params, received.meta)
         if client is None and error is None:
             client, error = join(site, start)
+        if error is None:
+            try:
+                result, metrics = client.run_round(start)
+            except FloatingPointError as e:  # float16 overflow: every later round would overflow again
+                error = f"{site} cannot take part: {e}"
+                log.error(error)
         if error:
-            flare.send(flare.FLModel(params={}, meta={"error": error}))
-            continue
-        try:
-            result, metrics = client.run_round(start)
-        except FloatingPointError as e:  # float16 overflow: every round would overflow again, so say why, once
-            error = f"{site} cannot take part: {e}"
-            log.error(error)
             flare.send(flare.FLModel(params={}, meta={"error": error}))
             continue
         for key in TRACKED:
