@@ -30,8 +30,12 @@ from fedbpt.encoding import Batch
 
 def measure(bb, batch, width: int) -> dict:
     with torch.inference_mode():  # the scorer's own forward, with ``width`` prompt rows (zeros: z = 0)
-        scores = torch.cat([bb._forward(batch, ex, torch.zeros(len(ex), width, bb.hidden), int(batch.lengths[ex].max()))
-                            for ex in torch.arange(len(batch)).split(32)]).cpu()  # fmt: skip
+        parts = []
+        for start in range(0, len(batch), 32):
+            ex = np.arange(start, min(start + 32, len(batch)))
+            zeros = torch.zeros(len(ex), width, bb.hidden, device=bb.device)
+            parts.append(bb._forward(batch, torch.from_numpy(ex).to(bb.device), zeros, int(batch.lengths[ex].max())))
+        scores = torch.cat(parts).cpu()
     labels = batch.labels.cpu().numpy()
     pred = scores.argmax(-1).numpy()
     diff = (scores[:, 1] - scores[:, 0]).numpy()

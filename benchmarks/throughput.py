@@ -102,7 +102,8 @@ class Site:
         body.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module, args, kwargs):
-        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids", args[0] if args else None)  # a masked LM's forward passes it by position
+        mask = kwargs.get("attention_mask")
         if ids is not None and mask is not None and ids.shape[-1] > 0:
             self.count["forwards"] += 1
             self.count["padded"] += ids.numel()
