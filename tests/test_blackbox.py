@@ -111,7 +111,8 @@ def manual_forward(bb: BlackBox, z: np.ndarray, batch) -> tuple[torch.Tensor, to
             pooled = (out * keep).sum(1) / keep.sum(1)
             scores = bb.cfg.label_scale * torch.nn.functional.normalize(pooled, dim=-1) @ bb.label_embeddings.T
         else:
-            scores = bb.head(out[torch.arange(len(batch)), batch.answer])[:, bb.label_ids]
+            head = bb.model.lm_head  # RoBERTa's own head: the masked LM of these tests is a tiny RoBERTa
+            scores = head(out[torch.arange(len(batch)), batch.answer])[:, bb.label_ids]
     return out, scores
 
 
@@ -339,15 +340,29 @@ def test_auto_dtype_is_float16_on_cuda_and_float32_on_the_cpu():
         resolve_dtype("half", torch.device("cpu"))
 
 
-def test_float16_overflow_names_the_dtype_flag(tiny_roberta, examples):
+def test_a_float16_candidate_that_overflows_gets_the_worst_fitness_of_its_generation(tiny_roberta, examples):
+    bb = make(tiny_roberta, dtype="float16")
+    rows = bb.encode(examples)
+    z = np.random.default_rng(0).normal(size=(4, 16))
+    z[2] = 1e7  # its prompt rows are beyond float16's 65,504
+    scores = bb.class_scores(z, rows)
+    assert torch.isfinite(scores[[0, 1, 3]]).all() and not torch.isfinite(scores[2]).all()
+    values = bb.fitness(z, rows)
+    assert np.isfinite(values).all() and values[2] == values[[0, 1, 3]].max()
+    assert bb.nonfinite_candidates == 1
+    np.testing.assert_array_equal(bb.fitness(z[[0, 1, 3]], rows), values[[0, 1, 3]])  # the others as scored alone
+    assert bb.nonfinite_candidates == 1
+
+
+def test_float16_overflow_of_the_received_prompt_names_the_dtype_flag(tiny_roberta, examples):
     bb = make(tiny_roberta, dtype="float16")
     batch = bb.encode(examples)
-    assert torch.isfinite(bb.class_scores(np.zeros((2, 16)), batch)).all()
+    assert np.isfinite(bb.evaluate(np.zeros(16), batch)).all()
     with torch.no_grad():  # activations beyond float16's 65,504, as some checkpoints reach
         for norm in (m for m in bb.model.modules() if isinstance(m, torch.nn.LayerNorm)):
             norm.weight.fill_(6e4)  # normalised values of a few units: beyond the range
     with pytest.raises(FloatingPointError) as err:
-        bb.class_scores(np.zeros((2, 16)), batch)
+        bb.evaluate(np.zeros(16), batch)
     assert str(err.value) == (
         f"--dtype float16: {tiny_roberta}'s "
         "activations overflow float16's range (non-finite class scores); use --dtype bfloat16 or float32"

@@ -167,7 +167,17 @@ class BlackBox:
         config = AutoConfig.from_pretrained(path, **extra)
         self.kind = detect_kind(config, cfg.model_type)
         loader = {"mlm": AutoModelForMaskedLM, "causal": AutoModelForCausalLM, "encoder": AutoModel}[self.kind]
-        self.model = loader.from_pretrained(path, dtype=self.dtype, **extra).to(self.device).eval()
+        try:
+            model = loader.from_pretrained(path, dtype=self.dtype, **extra)
+        except ValueError as e:  # transformers: "Unrecognized configuration class ... for this kind of AutoModel"
+            if "Unrecognized configuration class" not in str(e):
+                raise
+            what = {"mlm": "masked-LM", "causal": "causal-LM", "encoder": "base model"}[self.kind]
+            raise ValueError(
+                f"--model_type {self.kind}: {cfg.model_name} ({getattr(config, 'model_type', '?')}) has no {what} "
+                f"class in transformers; give --model_type {' or '.join(k for k in MODEL_KINDS if k != self.kind)}"
+            ) from None
+        self.model = model.to(self.device).eval()
         self.model.requires_grad_(False)
         self.body = self.model if self.kind == "encoder" else self.model.base_model
         # causal LMs: the body's last hidden state at the answer position goes through the output embeddings.
