@@ -69,9 +69,14 @@ def build_roberta(size: str, out: Path) -> Path:
 
 
 def load_baseline(rev: str, into: Path):
-    """``src/fedbpt`` at git revision ``rev``, imported as the package ``fedbpt_baseline``."""
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "src/fedbpt"], capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    """``src/fedbpt`` at git revision ``rev`` (or a folder that holds such a ``src/fedbpt``, for a machine
+    without the repository's history), imported as the package ``fedbpt_baseline``."""
+    if (Path(rev) / "src" / "fedbpt" / "__init__.py").exists():
+        into = Path(rev)
+    else:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "src/fedbpt"], capture_output=True,
+                                 check=True)  # fmt: skip
+        subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
     folder = into / "src" / "fedbpt"
     spec = importlib.util.spec_from_file_location("fedbpt_baseline", folder / "__init__.py",
                                                   submodule_search_locations=[str(folder)])  # fmt: skip
@@ -180,7 +185,12 @@ def main() -> None:
     parser.add_argument("--model_name", help="hub id or local folder (default: --size)")
     parser.add_argument("--size", choices=SIZES, default="large", help="a RoBERTa built from a config, random weights")
     parser.add_argument("--settings", default="auto:auto:auto", help="comma-separated dtype:batch_size:token_budget")
-    parser.add_argument("--baseline", help="git revision whose src/fedbpt runs the same round, side by side")
+    parser.add_argument(
+        "--baseline",
+        help="git revision whose src/fedbpt runs the same round, side by side (or a "
+        "folder holding that revision's src/fedbpt)",
+    )
+    parser.add_argument("--model_dir", type=Path, help="keep the --size model in this folder (built if absent)")
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--n_prompt_tokens", type=int, default=50)
     parser.add_argument("--intrinsic_dim", type=int, default=500)
@@ -197,7 +207,10 @@ def main() -> None:
     out = args.out or REPO / "benchmarks" / "results" / f"throughput_{device_name(args.device)}.json"
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model_name or str(build_roberta(args.size, Path(tmp) / f"roberta-{args.size}"))
+        model = args.model_name
+        if model is None:
+            folder = args.model_dir or Path(tmp) / f"roberta-{args.size}"
+            model = str(folder if (folder / "config.json").exists() else build_roberta(args.size, folder))
         baseline = load_baseline(args.baseline, Path(tmp)) if args.baseline else None
         base_argv = (
             README + f" --model_name {model} --data_dir {data_dir} --device {args.device} "
