@@ -17,8 +17,9 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
+from conftest import REPO
 from fedbpt.nvflare_components import FedBPTAggregator, FedBPTScatterAndGather, FedBPTShareableGenerator
-from fedbpt.search import LocalResult, decode_down, encode_up, init_state, server_update
+from fedbpt.search import LocalResult, decode_down, encode_down, encode_up, init_state, server_update
 
 
 def context(state) -> FLContext:
@@ -73,7 +74,7 @@ def test_aggregator_names_every_site_it_leaves_out(tmp_path, monkeypatch):
     for site in ("site-1", "site-2", "site-3", "site-4"):
         assert aggregator.accept(site_result(site, params, good, metrics), context(state))
     state = _state_after(aggregator, state)
-    assert aggregator.descriptions["site-1"] == description  # kept: sites send it with their first result only
+    assert aggregator.descriptions["site-1"] == description  # kept: a later result may come without one
 
     ctx = context(state)
     assert aggregator.accept(site_result("site-1", params, {**meta, "fingerprint": "f00d"}, metrics), ctx)
@@ -147,3 +148,46 @@ def test_server_side_imports_neither_torch_nor_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": "src", "PATH": ""}, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
     assert out.stdout.strip() == "[]"
+
+
+def test_a_site_describes_itself_with_every_result_so_a_refused_first_one_costs_nothing(
+    tmp_path, monkeypatch, tiny_roberta
+):
+    """The site script runs two rounds (NVFlare's Client API replaced by lists); the server refuses the first
+    result as malformed. It learns the site's description from the second, and the prompt files have the
+    soft prompt, the model and the hidden size."""
+    import sys
+
+    import nvflare.client as flare
+
+    import fedbpt.nvflare_components as components
+    import fedbpt_train
+
+    monkeypatch.setattr(components, "run_dir", lambda fl_ctx: str(tmp_path))
+    flags = ["--task_name", "sst2", "--model_name", str(tiny_roberta), "--data_dir", str(REPO / "data" / "sst2"),
+             "--n_prompt_tokens", "4", "--k_shot", "4", "--device", "cpu", "--seed", "1234", "--local_iter", "2",
+             "--local_popsize", "4", "--num_users", "1", "--eval_clients", "", "--perturb", "0"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["fedbpt_train.py", *flags])
+    state = init_state(16, 1.0, 1234)
+    inbox = [FLModel(params=p, meta=m) for p, m in [encode_down(state)] * 2]
+    sent = []
+    for name, value in {"init": lambda *a, **k: None, "get_site_name": lambda: "site-1",
+                        "is_running": lambda: bool(inbox), "receive": lambda *a, **k: inbox.pop(0),
+                        "send": lambda model, *a, **k: sent.append(model)}.items():  # fmt: skip
+        monkeypatch.setattr(flare, name, value)
+    monkeypatch.setattr(fedbpt_train, "SummaryWriter", lambda: type("W", (), {"add_scalar": lambda *a, **k: None})())
+    fedbpt_train.main()
+    assert len(sent) == 2 and all("description" in m.meta for m in sent)
+    print(f"description on the wire: {len(json.dumps(sent[1].meta['description']))} bytes as JSON")
+
+    aggregator = FedBPTAggregator()
+    first = sent[0]
+    first.meta.pop("fitness")  # malformed: refused before the server reads anything else
+    assert not aggregator.accept(site_result("site-1", first.params, first.meta, first.metrics), context(state))
+    assert aggregator.descriptions == {}
+    second = sent[1]
+    assert aggregator.accept(site_result("site-1", second.params, second.meta, second.metrics), context(state))
+    aggregator.aggregate(context(state))
+    with np.load(tmp_path / "final_prompt.npz") as prompt:
+        assert str(prompt["model_name"]) == str(tiny_roberta) and int(prompt["hidden_size"]) == 32
+        assert prompt["soft_prompt"].shape == (4, 32)

@@ -99,13 +99,14 @@ class FedBPTClient:
                  counts.tolist(), len(self.dev), len(self.test) if self.test is not None else "no")  # fmt: skip
 
     def description(self) -> dict:
-        """What the server needs once: how to turn z into the soft prompt (L x H) and use it without the
-        federation (sigma and alpha let fedbpt.predict rebuild the projection scale from the model), the
-        projection's fingerprint, and the sizes it checks the site's reports against."""
+        """What the server needs (sent with every result): how to turn z into the soft prompt (L x H) and use it
+        without the federation (sigma and alpha let fedbpt.predict rebuild the projection scale from the
+        model), the projection's fingerprint, the sizes it checks the site's reports against, and the loss
+        type (the scale of the site's dev losses)."""
         task = get_task(self.cfg.task_name)
         return {**self.blackbox.description(), "k_shot": self.cfg.k_shot, "num_labels": task.num_labels,
                 "local_popsize": self.cfg.local_popsize, "local_iter": self.cfg.local_iter,
-                "sigma": self.cfg.sigma, "alpha": self.cfg.alpha}  # fmt: skip
+                "sigma": self.cfg.sigma, "alpha": self.cfg.alpha, "loss_type": self.cfg.loss_type}  # fmt: skip
 
     def accept(self, start: GlobalPrompt) -> None:
         """Take the search dimension from the server's message; a site that asked for another one stops."""

@@ -117,7 +117,7 @@ class FedBPTAggregator(Aggregator):
         self.step_rule, self.max_step = step_rule, float(max_step)
         self.reports: list[SiteReport] = []  # in the order they arrived
         self.refused: dict[str, str] = {}
-        self.descriptions: dict[str, dict] = {}  # each site's description, sent with its first result
+        self.descriptions: dict[str, dict] = {}  # each site's latest description (sent with every result)
         self.known_sites: set[str] = set()
         self.round_started = time.perf_counter()
         self.recorder: RunRecorder | None = None  # made on first use: the run dir is known only then
@@ -154,7 +154,7 @@ class FedBPTAggregator(Aggregator):
         except (ValueError, TypeError, KeyError) as e:
             self.refuse(site, f"malformed result: {e}", fl_ctx)
             return False
-        if isinstance(meta.get("description"), dict):  # sites send it with their first result only
+        if isinstance(meta.get("description"), dict):  # with every result: the latest one wins
             self.descriptions[site] = dict(meta["description"])
         self.known_sites.add(site)
         self.reports.append(SiteReport(site, result, metrics, bytes_up=wire_bytes(shareable),
