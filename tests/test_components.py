@@ -4,6 +4,8 @@ and when the workflow stops early."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +193,30 @@ def test_a_site_describes_itself_with_every_result_so_a_refused_first_one_costs_
     with np.load(tmp_path / "final_prompt.npz") as prompt:
         assert str(prompt["model_name"]) == str(tiny_roberta) and int(prompt["hidden_size"]) == 32
         assert prompt["soft_prompt"].shape == (4, 32)
+
+
+class _Engine:
+    def __init__(self, sites: int):
+        self.sites = sites
+
+    def get_clients(self) -> list[str]:
+        return [f"site-{i + 1}" for i in range(self.sites)]
+
+
+def test_min_clients_left_unset_waits_for_every_site_and_a_smaller_one_is_named_in_a_warning(caplog):
+    """The template's default and the workflow's: min_clients = 0, every site the job started. A job that
+    sets 2 of 10 sites with no wait for stragglers gets a warning that names both keys."""
+    template = (REPO / "job_templates" / "fedbpt" / "config_fed_server.conf").read_text()
+    assert re.search(r"^\s*min_clients = 0$", template, re.M)
+    workflow = FedBPTScatterAndGather(num_rounds=2, wait_time_after_min_received=0)
+    workflow._engine = _Engine(10)
+    workflow.resolve_min_clients(FLContext())
+    assert workflow._min_clients == 10
+    explicit = FedBPTScatterAndGather(min_clients=2, num_rounds=2, wait_time_after_min_received=0)
+    explicit._engine = _Engine(10)
+    with caplog.at_level(logging.WARNING):
+        explicit.resolve_min_clients(FLContext())
+    assert explicit._min_clients == 2
+    assert "min_clients = 2 of the job's 10 sites and wait_time_after_min_received = 0" in caplog.text
+    with pytest.raises(ValueError, match="min_clients must be a whole number >= 0"):
+        FedBPTScatterAndGather(min_clients=-1)
