@@ -12,7 +12,7 @@ import numpy as np
 from .blackbox import BlackBox, BlackBoxConfig
 from .config import ClientConfig, site_data_dir
 from .data import Split, k_shot_pools, load_split, site_index, site_shards
-from .search import GlobalPrompt, LocalResult, derive_seed, local_search
+from .search import GlobalPrompt, LocalResult, derive_seed, local_search, perturbation_seed
 from .tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class FedBPTClient:
         seed = derive_seed(self.cfg.seed, self.site, round_, shared=shared)
         rows = self.train
         if self.cfg.perturb:  # one perturbed copy per round, scored beside the clean rows
-            rng = np.random.default_rng(seed)
+            rng = np.random.default_rng(perturbation_seed(self.cfg.seed, self.site, round_, shared=shared))
             rows = self.train.concat(bb.perturb(self.train, self.cfg.perturb_rate, rng, self.cfg.perturb_scope))
 
         def objective(z: np.ndarray) -> np.ndarray:

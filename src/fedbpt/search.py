@@ -227,6 +227,15 @@ def derive_seed(seed: int, site: str, round_: int, shared: bool = False) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1)[0] % (2**31 - 2)) + 1
 
 
+def perturbation_seed(seed: int, site: str, round_: int, shared: bool = False) -> int:
+    """The seed of a round's perturbed copy of the site's train shard: the site's search seed, or with
+    ``shared`` one seed for every site that changes every round, as the public example draws a new copy each
+    round while its search stream stays the same."""
+    if not shared:
+        return derive_seed(seed, site, round_)
+    return int(np.random.SeedSequence([seed, round_, 0x9E27]).generate_state(1)[0] % (2**31 - 2)) + 1
+
+
 def _sqrt_cov(cov: np.ndarray) -> np.ndarray:
     if cov.ndim == 1:
         return np.sqrt(cov)
