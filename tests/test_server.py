@@ -250,3 +250,16 @@ def test_a_round_without_the_site_of_a_hard_shard_is_compared_on_the_sites_it_ha
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["rounds_with_fewer_dev_sites"] == {"1": ["site-3"]}
     assert summary["selection"].startswith("a round beats the best round so far when its dev loss")
+
+
+def test_loss_type_perf_dev_losses_are_minus_accuracy_and_accepted_in_their_range():
+    state = init_state(D, 1.0, 1234)
+    good = [site(f"site-{i}", state, loss_type="perf") for i in (1, 2)]
+    for r, acc in zip(good, (0.75, 0.625)):
+        r.metrics.update(dev_loss=-acc, dev_acc=acc)
+    liar = site("site-3", state, loss_type="perf")
+    liar.metrics.update(dev_loss=0.3, dev_acc=0.7)
+    new, row = aggregate_round(state, [*good, liar])
+    assert row["sites"] == ["site-1", "site-2"] and new.loss_type == "perf"
+    assert row["dropped"]["site-3"] == "dev_loss 0.3 is not a number in [-1, 0] (--loss_type perf reports -accuracy)"
+    assert row["dev_loss"] == pytest.approx(-(0.75 + 0.625) / 2) and new.best_round == 0
