@@ -109,10 +109,14 @@ def site(name: str, state, dev_loss: float = 0.5, fingerprint: str = "aaaa", pop
         ({"popsize": 10},
          "local popsize 10 differs from --local_popsize 5 (that of round 0's majority, 3 of 4 sites: site-2, "
          "site-3, site-4)"),
+        ({"loss_type": "hinge"},
+         "--loss_type hinge differs from --loss_type ce (that of round 0's majority, 3 of 4 sites: site-2, site-3, "
+         "site-4): its dev losses are on another scale"),
     ],
 )  # fmt: skip
 def test_a_wrong_site_heard_first_is_refused_in_every_round_and_the_three_right_ones_used(wrong, why):
-    """site-1 runs with another --seed, --n_prompt_tokens or --local_popsize and answers first, every round."""
+    """site-1 runs with another --seed, --n_prompt_tokens, --local_popsize or --loss_type and answers first,
+    every round."""
     state = init_state(D, 1.0, 1234)
     used, refused = [], []
     for _ in range(5):
