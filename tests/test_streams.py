@@ -12,11 +12,13 @@ from conftest import REPO_SST2
 from fedbpt.blackbox import BlackBox
 from fedbpt.client import blackbox_config
 from fedbpt.config import parse_args
-from fedbpt.search import derive_seed, perturbation_seed
+from fedbpt.search import derive_seed
 from fedbpt.standalone import ServerConfig, run_federation
 
 
 def test_perturbation_seeds_change_every_round_and_are_shared_only_when_asked():
+    from fedbpt.search import perturbation_seed  # imported here: the test below needs nothing new to fail
+
     per_site = {perturbation_seed(42, f"site-{s}", r) for s in range(5) for r in range(5)}
     assert len(per_site) == 25 and perturbation_seed(42, "site-1", 3) == derive_seed(42, "site-1", 3)  # as before
     shared = [[perturbation_seed(42, f"site-{s}", r, shared=True) for s in range(5)] for r in range(5)]
