@@ -160,6 +160,17 @@ def test_server_killed_mid_round_resumes_from_its_checkpoint_losing_at_most_one_
     assert [r["round"] for r in rows_of(simulation.run_dir("second"))] == [2, 3]
     assert "resuming after round 1: 2 rounds left of num_rounds" in (simulation.tmp / "second" / "server" /
                                                                       "log.txt").read_text()  # fmt: skip
+    # the resumed job's own download has the best prompt and its figures, wherever the best round was found
+    first_best = json.loads((simulation.run_dir("first") / "summary.json").read_text())
+    summary = json.loads((simulation.run_dir("second") / "summary.json").read_text())
+    assert summary["best_round"] >= first_best["best_round"] and summary["best_dev_loss"] is not None
+    assert summary["best_dev_loss"] <= first_best["best_dev_loss"] and summary["best_test_acc"] is not None
+    with np.load(simulation.run_dir("second") / "best_prompt.npz") as best:
+        assert int(best["round"]) == summary["best_round"] and best["soft_prompt"].shape == (10, 32)
+    print(
+        f"resumed job's download: best round {summary['best_round']} (the first job's: {first_best['best_round']}), "
+        f"dev loss {summary['best_dev_loss']:.4f}, test acc {summary['best_test_acc']:.4f}, best_prompt.npz"
+    )
     lost = started - done  # rounds whose work the crash threw away
     print(f"server killed after {started} rounds started, {done} checkpointed: {lost} round(s) lost")
     assert lost <= 1
