@@ -220,3 +220,30 @@ def test_min_clients_left_unset_waits_for_every_site_and_a_smaller_one_is_named_
     assert "min_clients = 2 of the job's 10 sites and wait_time_after_min_received = 0" in caplog.text
     with pytest.raises(ValueError, match="min_clients must be a whole number >= 0"):
         FedBPTScatterAndGather(min_clients=-1)
+
+
+def test_a_late_answer_leaves_its_description_and_its_measurement_of_the_earlier_prompt(tmp_path, monkeypatch):
+    """site-2 answers round 0 while round 1 runs (its first result): the server learns its description and
+    records its dev and test figures for round 0's prompt in round 1's row under late."""
+    import fedbpt.nvflare_components as components
+
+    monkeypatch.setattr(components, "run_dir", lambda fl_ctx: str(tmp_path))
+    aggregator = FedBPTAggregator()
+    state = init_state(8, 1.0, 1)
+    params, meta = encode_up(LocalResult(np.full(8, 0.1), 0.5, np.ones(3), popsize=5))
+    description = {"model_name": "m", "task_name": "sst2", "seed": 1, "n_prompt_tokens": 2, "hidden_size": 4,
+                   "projection_scale": 0.5, "intrinsic_dim": 8, "k_shot": 8, "num_labels": 2}  # fmt: skip
+    answer = {**meta, "fingerprint": "f00d", "description": description}
+    ctx = context(state)
+    ctx.set_prop(AppConstants.CURRENT_ROUND, 1, private=True, sticky=False)
+    late = site_result("site-2", params, answer, {"dev_loss": 0.7, "dev_acc": 0.4, "n_dev": 4.0, "test_acc": 0.6})
+    late.add_cookie(AppConstants.CONTRIBUTION_ROUND, 0)
+    assert aggregator.accept(late, ctx) is False  # its search result belongs to a closed round
+    assert aggregator.descriptions["site-2"] == description
+    now = site_result("site-1", params, answer, {"dev_loss": 0.5, "dev_acc": 0.5, "n_dev": 4.0})
+    now.add_cookie(AppConstants.CONTRIBUTION_ROUND, 1)
+    assert aggregator.accept(now, ctx)
+    aggregator.aggregate(ctx)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["sites"] == ["site-1"]
+    assert row["late"] == {"site-2": {"round": 0, "dev_loss": 0.7, "dev_acc": 0.4, "n_dev": 4.0, "test_acc": 0.6}}
