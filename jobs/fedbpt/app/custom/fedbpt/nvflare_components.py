@@ -30,11 +30,13 @@ from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 from nvflare.fuel.utils import fobs
 
 from .search import COVARIANCES, MAX_STEP, STEP_RULES, ServerState, decode_up, encode_down, init_state, load_state
-from .server import STATE_FILE, RunRecorder, SiteReport, aggregate_round
+from .server import STATE_FILE, RunRecorder, SiteReport, aggregate_round, check_measurement
 
 # The global figures of each round that the aggregator sends to TensorBoard (the same tags as the sites'
 # scalars, so that TensorBoard draws the server's curve beside each site's).
 SERVER_SCALARS = ("dev_acc", "test_acc", "dev_loss", "sigma")
+# What a late answer's row entry keeps: its figures for the prompt of the round it answered.
+LATE_FIGURES = ("dev_loss", "dev_acc", "n_dev", "test_loss", "test_acc", "n_test")
 
 
 def wire_bytes(shareable: Shareable) -> int:
@@ -105,8 +107,9 @@ class FedBPTAggregator(Aggregator):
     """Collects the sites' local means and fitnesses and runs the global CMA-ES update on them.
 
     Every result it cannot use is named in that round's metrics row with the reason: a task that failed,
-    an answer to another round, a malformed message, an error the site reported, or what
-    ``server.check_report`` refuses. A site heard from before that does not answer is named as missing."""
+    a malformed message, an error the site reported, or what ``server.check_report`` refuses. A late answer
+    to an earlier round is logged, and its measurement of that round's prompt recorded under ``late``. A site
+    heard from before that does not answer is named as missing."""
 
     def __init__(self, step_rule: str = "eq6", max_step: float = MAX_STEP):
         super().__init__()
@@ -119,6 +122,7 @@ class FedBPTAggregator(Aggregator):
         self.refused: dict[str, str] = {}
         self.descriptions: dict[str, dict] = {}  # each site's latest description (sent with every result)
         self.known_sites: set[str] = set()
+        self.late: dict[str, dict] = {}  # late answers' measurements of an earlier round's prompt
         self.round_started = time.perf_counter()
         self.recorder: RunRecorder | None = None  # made on first use: the run dir is known only then
 
@@ -141,7 +145,9 @@ class FedBPTAggregator(Aggregator):
             self.refuse(site, f"its task ended with {shareable.get_return_code()}", fl_ctx)
             return False
         if contributed is not None and contributed != current:
-            self.log_warning(fl_ctx, f"{site} answered round {contributed} in round {current}; result ignored")
+            self.log_warning(fl_ctx, f"{site} answered round {contributed} in round {current}; its search result "
+                             "is ignored, its measurement of that round's prompt recorded under late")  # fmt: skip
+            self.keep_late(site, int(contributed), shareable, fl_ctx)
             return False
         try:
             model = FLModelUtils.from_shareable(shareable)
@@ -162,6 +168,27 @@ class FedBPTAggregator(Aggregator):
                                        description=self.descriptions.get(site, {})))  # fmt: skip
         return True
 
+    def keep_late(self, site: str, round_: int, shareable: Shareable, fl_ctx: FLContext) -> None:
+        """A late answer to round ``round_``: keep its description, and record its valid measurement of that
+        round's prompt in the next row under ``late``. That round is closed: its row and selection stand."""
+        try:
+            model = FLModelUtils.from_shareable(shareable)
+            meta = model.meta or {}
+            result = decode_up(model.params or {}, meta)
+            metrics = {k: float(v) for k, v in (model.metrics or {}).items()}
+        except (ValueError, TypeError, KeyError):
+            return
+        if isinstance(meta.get("description"), dict):
+            self.descriptions[site] = dict(meta["description"])
+        learnable = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+        if "dev_loss" not in metrics or not isinstance(learnable, ModelLearnable):
+            return
+        report = SiteReport(site, result, metrics, fingerprint=str(meta.get("fingerprint", "")),
+                            description=self.descriptions.get(site, {}))  # fmt: skip
+        if check_measurement(report, _state(learnable)) is None:
+            figures = {k: metrics[k] for k in LATE_FIGURES if k in metrics}
+            self.late[site] = {"round": round_, **figures}
+
     def aggregate(self, fl_ctx: FLContext) -> Shareable:
         state = _state(fl_ctx.get_prop(AppConstants.GLOBAL_MODEL))
         reports, refused = self.reports, self.refused
@@ -173,6 +200,8 @@ class FedBPTAggregator(Aggregator):
             self.log_error(fl_ctx, str(e))
             raise
         used = set(row["sites"])
+        if self.late:
+            row["late"], self.late = dict(sorted(self.late.items())), {}
         row.update(
             bytes_up=[r.bytes_up for r in sorted(reports, key=lambda r: r.site) if r.site in used],
             bytes_down=wire_bytes(_broadcast(state)),
