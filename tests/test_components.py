@@ -4,6 +4,8 @@ and when the workflow stops early."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +19,9 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
+from conftest import REPO
 from fedbpt.nvflare_components import FedBPTAggregator, FedBPTScatterAndGather, FedBPTShareableGenerator
-from fedbpt.search import LocalResult, decode_down, encode_up, init_state, server_update
+from fedbpt.search import LocalResult, decode_down, encode_down, encode_up, init_state, server_update
 
 
 def context(state) -> FLContext:
@@ -73,7 +76,7 @@ def test_aggregator_names_every_site_it_leaves_out(tmp_path, monkeypatch):
     for site in ("site-1", "site-2", "site-3", "site-4"):
         assert aggregator.accept(site_result(site, params, good, metrics), context(state))
     state = _state_after(aggregator, state)
-    assert aggregator.descriptions["site-1"] == description  # kept: sites send it with their first result only
+    assert aggregator.descriptions["site-1"] == description  # kept: a later result may come without one
 
     ctx = context(state)
     assert aggregator.accept(site_result("site-1", params, {**meta, "fingerprint": "f00d"}, metrics), ctx)
@@ -147,3 +150,100 @@ def test_server_side_imports_neither_torch_nor_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": "src", "PATH": ""}, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
     assert out.stdout.strip() == "[]"
+
+
+def test_a_site_describes_itself_with_every_result_so_a_refused_first_one_costs_nothing(
+    tmp_path, monkeypatch, tiny_roberta
+):
+    """The site script runs two rounds (NVFlare's Client API replaced by lists); the server refuses the first
+    result as malformed. It learns the site's description from the second, and the prompt files have the
+    soft prompt, the model and the hidden size."""
+    import sys
+
+    import nvflare.client as flare
+
+    import fedbpt.nvflare_components as components
+    import fedbpt_train
+
+    monkeypatch.setattr(components, "run_dir", lambda fl_ctx: str(tmp_path))
+    flags = ["--task_name", "sst2", "--model_name", str(tiny_roberta), "--data_dir", str(REPO / "data" / "sst2"),
+             "--n_prompt_tokens", "4", "--k_shot", "4", "--device", "cpu", "--seed", "1234", "--local_iter", "2",
+             "--local_popsize", "4", "--num_users", "1", "--eval_clients", "", "--perturb", "0"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["fedbpt_train.py", *flags])
+    state = init_state(16, 1.0, 1234)
+    inbox = [FLModel(params=p, meta=m) for p, m in [encode_down(state)] * 2]
+    sent = []
+    for name, value in {"init": lambda *a, **k: None, "get_site_name": lambda: "site-1",
+                        "is_running": lambda: bool(inbox), "receive": lambda *a, **k: inbox.pop(0),
+                        "send": lambda model, *a, **k: sent.append(model)}.items():  # fmt: skip
+        monkeypatch.setattr(flare, name, value)
+    monkeypatch.setattr(fedbpt_train, "SummaryWriter", lambda: type("W", (), {"add_scalar": lambda *a, **k: None})())
+    fedbpt_train.main()
+    assert len(sent) == 2 and all("description" in m.meta for m in sent)
+    print(f"description on the wire: {len(json.dumps(sent[1].meta['description']))} bytes as JSON")
+
+    aggregator = FedBPTAggregator()
+    first = sent[0]
+    first.meta.pop("fitness")  # malformed: refused before the server reads anything else
+    assert not aggregator.accept(site_result("site-1", first.params, first.meta, first.metrics), context(state))
+    assert aggregator.descriptions == {}
+    second = sent[1]
+    assert aggregator.accept(site_result("site-1", second.params, second.meta, second.metrics), context(state))
+    aggregator.aggregate(context(state))
+    with np.load(tmp_path / "final_prompt.npz") as prompt:
+        assert str(prompt["model_name"]) == str(tiny_roberta) and int(prompt["hidden_size"]) == 32
+        assert prompt["soft_prompt"].shape == (4, 32)
+
+
+class _Engine:
+    def __init__(self, sites: int):
+        self.sites = sites
+
+    def get_clients(self) -> list[str]:
+        return [f"site-{i + 1}" for i in range(self.sites)]
+
+
+def test_min_clients_left_unset_waits_for_every_site_and_a_smaller_one_is_named_in_a_warning(caplog):
+    """The template's default and the workflow's: min_clients = 0, every site the job started. A job that
+    sets 2 of 10 sites with no wait for stragglers gets a warning that names both keys."""
+    template = (REPO / "job_templates" / "fedbpt" / "config_fed_server.conf").read_text()
+    assert re.search(r"^\s*min_clients = 0$", template, re.M)
+    workflow = FedBPTScatterAndGather(num_rounds=2, wait_time_after_min_received=0)
+    workflow._engine = _Engine(10)
+    workflow.resolve_min_clients(FLContext())
+    assert workflow._min_clients == 10
+    explicit = FedBPTScatterAndGather(min_clients=2, num_rounds=2, wait_time_after_min_received=0)
+    explicit._engine = _Engine(10)
+    with caplog.at_level(logging.WARNING):
+        explicit.resolve_min_clients(FLContext())
+    assert explicit._min_clients == 2
+    assert "min_clients = 2 of the job's 10 sites and wait_time_after_min_received = 0" in caplog.text
+    with pytest.raises(ValueError, match="min_clients must be a whole number >= 0"):
+        FedBPTScatterAndGather(min_clients=-1)
+
+
+def test_a_late_answer_leaves_its_description_and_its_measurement_of_the_earlier_prompt(tmp_path, monkeypatch):
+    """site-2 answers round 0 while round 1 runs (its first result): the server learns its description and
+    records its dev and test figures for round 0's prompt in round 1's row under late."""
+    import fedbpt.nvflare_components as components
+
+    monkeypatch.setattr(components, "run_dir", lambda fl_ctx: str(tmp_path))
+    aggregator = FedBPTAggregator()
+    state = init_state(8, 1.0, 1)
+    params, meta = encode_up(LocalResult(np.full(8, 0.1), 0.5, np.ones(3), popsize=5))
+    description = {"model_name": "m", "task_name": "sst2", "seed": 1, "n_prompt_tokens": 2, "hidden_size": 4,
+                   "projection_scale": 0.5, "intrinsic_dim": 8, "k_shot": 8, "num_labels": 2}  # fmt: skip
+    answer = {**meta, "fingerprint": "f00d", "description": description}
+    ctx = context(state)
+    ctx.set_prop(AppConstants.CURRENT_ROUND, 1, private=True, sticky=False)
+    late = site_result("site-2", params, answer, {"dev_loss": 0.7, "dev_acc": 0.4, "n_dev": 4.0, "test_acc": 0.6})
+    late.add_cookie(AppConstants.CONTRIBUTION_ROUND, 0)
+    assert aggregator.accept(late, ctx) is False  # its search result belongs to a closed round
+    assert aggregator.descriptions["site-2"] == description
+    now = site_result("site-1", params, answer, {"dev_loss": 0.5, "dev_acc": 0.5, "n_dev": 4.0})
+    now.add_cookie(AppConstants.CONTRIBUTION_ROUND, 1)
+    assert aggregator.accept(now, ctx)
+    aggregator.aggregate(ctx)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["sites"] == ["site-1"]
+    assert row["late"] == {"site-2": {"round": 0, "dev_loss": 0.7, "dev_acc": 0.4, "n_dev": 4.0, "test_acc": 0.6}}

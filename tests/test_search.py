@@ -189,7 +189,16 @@ def test_up_message_at_d500_fits_4kb_on_the_wire(nvflare_wire):
     metrics = {"n_dev": 20.0, "n_train": 20.0, "dev_loss": 0.6931471805599453, "dev_acc": 0.55,
                "test_loss": 0.7012345678901234, "test_acc": 0.5123456789012345, "local_fitness": 0.6543210987654321,
                "local_sigma": 0.9876543210987654, "seconds": 12.345678901234567}  # fmt: skip
+    bare = len(fobs.dump_to_bytes(FLModelUtils.to_shareable(FLModel(params=params, metrics=metrics, meta=meta))))
+    # and the site's description, with every result (RoBERTa-large's, as fedbpt.client describes it)
+    meta["description"] = {"seed": 1234, "intrinsic_dim": 500, "n_prompt_tokens": 50, "hidden_size": 1024,
+                           "projection_scale": 0.0002468, "prompt_at": "embeddings", "cat_or_add": "add",
+                           "model_name": "roberta-large", "model_type": "mlm", "task_name": "sst2",
+                           "verbalizer_space": 0, "label_scale": 20.0, "gguf_file": None,
+                           "fingerprint": "0123456789abcdef", "k_shot": 200, "num_labels": 2, "local_popsize": 5,
+                           "local_iter": 8, "sigma": 1.0, "alpha": 1.0, "loss_type": "ce"}  # fmt: skip
     wire = fobs.dump_to_bytes(FLModelUtils.to_shareable(FLModel(params=params, metrics=metrics, meta=meta)))
+    print(f"up: {len(wire)} bytes on the wire, of which the description {len(wire) - bare}")
     assert len(wire) <= 4096, f"{len(wire)} bytes up"
     # and what arrives decodes to the same result
     received = FLModelUtils.from_shareable(fobs.load_from_bytes(wire))

@@ -85,27 +85,70 @@ def test_implausible_metrics_are_refused_and_named(metrics, reason):
     assert row["sites"] == ["site-1"] and row["dropped"]["site-2"].startswith(reason)
 
 
-def test_sites_must_share_the_first_sites_projection_popsize_and_generations():
-    state = init_state(D, 1.0, 7)
-    a, b, c, e = (report(f"site-{i}", 0.1, 0.5, 10) for i in (1, 2, 3, 4))
-    described = {"seed": 7, "n_prompt_tokens": 10, "hidden_size": 384, "model_name": "/models/minilm"}
-    a.fingerprint, a.description = "aaaa", dict(described)
-    b.fingerprint, b.description = "bbbb", {**described, "seed": 8}
-    c.fingerprint, c.description = "aaaa", dict(described)
-    c.result.popsize = 10
-    e.fingerprint, e.description = "aaaa", dict(described)
-    new, row = aggregate_round(state, [a, b, c, e])  # heard in this order: site-1 sets the reference
-    assert row["sites"] == ["site-1", "site-4"]
-    assert row["dropped"]["site-2"].startswith(
-        "its projection (fingerprint bbbb) differs from the one of site-1 (fingerprint aaaa), the first site heard: "
-        "seed 8 vs 7"
-    )
-    assert "local popsize 10 differs from 5" in row["dropped"]["site-3"]
-    assert (new.fingerprint, new.fingerprint_site, new.local_popsize, new.local_iter) == ("aaaa", "site-1", 5, 4)
-    # the reference is kept in the state (and its checkpoint): later rounds hold every site to it
-    b.result.mean = b.result.mean + 0.0
-    _, later = aggregate_round(new, [b, e])
-    assert later["sites"] == ["site-4"] and "site-1" in later["dropped"]["site-2"]
+DESCRIBED = {"seed": 1234, "intrinsic_dim": D, "n_prompt_tokens": 10, "hidden_size": 384, "model_name": "/m",
+             "loss_type": "ce", "k_shot": 40, "num_labels": 2}  # fmt: skip
+
+
+def site(name: str, state, dev_loss: float = 0.5, fingerprint: str = "aaaa", popsize: int = 5, **described):
+    """A report from a site whose step is a small move from the broadcast mean."""
+    r = report(name, 0.0, dev_loss, 10, mean=state.mean + 0.05 * (1 + int(name[-1])))
+    r.fingerprint, r.description = fingerprint, {**DESCRIBED, **described}
+    r.result.popsize = popsize
+    return r
+
+
+@pytest.mark.parametrize(
+    "wrong, why",
+    [
+        ({"seed": 1235, "fingerprint": "bbbb"},
+         "its --seed 1235 differs from the server's seed 1234: give every site's --seed and seed in "
+         "config_fed_server.conf the same value"),
+        ({"n_prompt_tokens": 20, "fingerprint": "cccc"},
+         "its projection (fingerprint cccc) differs from the run's (fingerprint aaaa, that of round 0's majority, "
+         "3 of 4 sites: site-2, site-3, site-4): n_prompt_tokens 20 vs 10; every site needs the same --seed"),
+        ({"popsize": 10},
+         "local popsize 10 differs from --local_popsize 5 (that of round 0's majority, 3 of 4 sites: site-2, "
+         "site-3, site-4)"),
+        ({"loss_type": "hinge"},
+         "--loss_type hinge differs from --loss_type ce (that of round 0's majority, 3 of 4 sites: site-2, site-3, "
+         "site-4): its dev losses are on another scale"),
+    ],
+)  # fmt: skip
+def test_a_wrong_site_heard_first_is_refused_in_every_round_and_the_three_right_ones_used(wrong, why):
+    """site-1 runs with another --seed, --n_prompt_tokens, --local_popsize or --loss_type and answers first,
+    every round."""
+    state = init_state(D, 1.0, 1234)
+    used, refused = [], []
+    for _ in range(5):
+        reports = [site("site-1", state, **wrong)] + [site(f"site-{i}", state) for i in (2, 3, 4)]
+        state, row = aggregate_round(state, reports)
+        used.append(row["sites"])
+        refused.append(row["dropped"].get("site-1", ""))
+    print(f"{wrong}: the three right sites used in {used.count(['site-2', 'site-3', 'site-4'])} of 5 rounds")
+    assert used == [["site-2", "site-3", "site-4"]] * 5
+    assert all(reason.startswith(why) for reason in refused), refused
+    assert (state.fingerprint, state.local_popsize, state.local_iter, state.loss_type) == ("aaaa", 5, 4, "ce")
+
+
+def test_the_reference_never_comes_from_a_report_that_fails_its_own_checks():
+    """site-1 (first by name and first heard) sends a NaN mean with its own projection; site-2 alone is right.
+    One site each: a tie would go to site-1, but site-1's report fails its own checks and is no candidate."""
+    state = init_state(D, 1.0, 1234)
+    bad = site("site-1", state, fingerprint="bbbb", n_prompt_tokens=20)
+    bad.result.mean = np.full(D, np.nan)
+    new, row = aggregate_round(state, [bad, site("site-2", state)])
+    assert row["sites"] == ["site-2"] and (new.fingerprint, new.fingerprint_site) == ("aaaa", "site-2")
+    assert new.reference_from == "round 0's majority, 1 of 2 sites: site-2"
+
+
+def test_a_tie_goes_to_the_first_site_by_name_not_the_first_heard(caplog):
+    state = init_state(D, 1.0, 1234)
+    new, row = aggregate_round(state, [site("site-2", state, fingerprint="bbbb"), site("site-1", state)])
+    assert row["sites"] == ["site-1"] and new.fingerprint == "aaaa"
+    assert "no majority among the sites' settings" in caplog.text
+    # the checkpoint keeps the reference: a later round holds every site to it, whoever answers
+    _, later = aggregate_round(new, [site("site-2", new, fingerprint="bbbb"), site("site-3", new)])
+    assert later["sites"] == ["site-3"] and "fingerprint bbbb) differs" in later["dropped"]["site-2"]
 
 
 def test_row_records_the_mean_norm_and_clipping():
@@ -148,3 +191,79 @@ def test_best_round_is_chosen_on_dev_never_on_test(tmp_path):
     resumed = load_state(str(tmp_path / "fedbpt_state.npz"))
     assert resumed.round == 4 and resumed.best_round == 2
     np.testing.assert_array_equal(resumed.mean, state.mean)
+
+
+def test_a_resumed_job_that_never_beats_the_checkpoint_still_has_its_best_prompt_and_figures(tmp_path):
+    """The first job's round 1 is the best (dev loss 0.3); the job resumed from its checkpoint runs rounds 3
+    and 4, both worse: its own download has best_prompt.npz and the best figures all the same."""
+    info = {"model_name": "m", "task_name": "sst2", "seed": 3, "n_prompt_tokens": 2, "hidden_size": 4,
+            "projection_scale": 0.5, "cat_or_add": "add"}  # fmt: skip
+    state, broadcast = init_state(D, 1.0, 3), {}
+
+    def rounds(recorder: RunRecorder, dev: list[float]) -> None:
+        nonlocal state
+        for loss in dev:
+            broadcast[state.round] = state.mean.copy()
+            reports = [report("site-1", 0.1, loss, 20, test_acc=0.5 + loss), report("site-2", -0.05, loss, 20)]
+            state, row = aggregate_round(state, reports)
+            recorder.record(row, state, info)
+            recorder.save_state(state)
+
+    rounds(RunRecorder(str(tmp_path / "first")), [0.5, 0.3, 0.4])
+    state = load_state(str(tmp_path / "first" / "fedbpt_state.npz"))  # what resume_from loads
+    rounds(RunRecorder(str(tmp_path / "second")), [0.6, 0.7])
+    summary = json.loads((tmp_path / "second" / "summary.json").read_text())
+    print(f"resumed job's summary: {summary}")
+    assert summary["best_round"] == 1 and summary["rounds"] == 2 and summary["final_round"] == 4
+    assert summary["best_dev_loss"] == pytest.approx(0.3) and summary["best_dev_acc"] == pytest.approx(0.7)
+    assert summary["best_test_acc"] == pytest.approx(0.8) and summary["best_dev_sites"] == ["site-1", "site-2"]
+    with np.load(tmp_path / "second" / "best_prompt.npz") as best:
+        assert int(best["round"]) == 1 and best["soft_prompt"].shape == (2, 4)
+        np.testing.assert_allclose(best["z"], broadcast[1], atol=1e-7)
+
+
+def test_a_site_whose_search_result_is_refused_still_counts_its_dev_and_test_figures():
+    """site-1 (the evaluator) sends a NaN mean: its search result is left out, its measurement of the
+    broadcast prompt is not."""
+    state = init_state(D, 1.0, 7)
+    refused = report("site-1", 0.1, 0.2, 30, test_acc=0.8, mean=np.full(D, np.nan))
+    _, row = aggregate_round(state, [refused, report("site-2", 0.2, 0.6, 10)])
+    assert row["sites"] == ["site-2"] and row["dropped"]["site-1"] == "mean or fitness is not finite"
+    assert row["dev_sites"] == ["site-1", "site-2"]
+    assert row["dev_loss"] == pytest.approx((0.2 * 30 + 0.6 * 10) / 40) and row["test_acc"] == pytest.approx(0.8)
+
+
+def test_a_round_without_the_site_of_a_hard_shard_is_compared_on_the_sites_it_has(tmp_path):
+    """Label-skewed shards: site-3's dev loss is high. Round 1 lacks site-3 and is worse on site-1 and site-2,
+    although its dev loss over the sites it has is lower than round 0's over all three: round 0 stays best.
+    Round 2 has all three again and is better on each: it becomes the best."""
+    recorder = RunRecorder(str(tmp_path))
+    state = init_state(D, 1.0, 7)
+    rounds = [{"site-1": 0.5, "site-2": 0.5, "site-3": 0.9}, {"site-1": 0.55, "site-2": 0.55},
+              {"site-1": 0.45, "site-2": 0.45, "site-3": 0.85}]  # fmt: skip
+    rows = []
+    for dev in rounds:
+        state, row = aggregate_round(state, [report(s, 0.1, loss, 10) for s, loss in dev.items()],
+                                     expected=["site-1", "site-2", "site-3"])  # fmt: skip
+        recorder.record(row, state)
+        rows.append(row)
+    assert rows[1]["dev_loss"] < rows[0]["dev_loss"]  # what a selection on the rows alone would have picked
+    assert [r["best_round"] for r in rows] == [0, 0, 2]
+    assert rows[1]["dev_sites"] == ["site-1", "site-2"] and rows[1]["missing"] == ["site-3"]
+    assert rows[1]["compared_on"] == ["site-1", "site-2"] and rows[2]["compared_on"] == ["site-1", "site-2", "site-3"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["rounds_with_fewer_dev_sites"] == {"1": ["site-3"]}
+    assert summary["selection"].startswith("a round beats the best round so far when its dev loss")
+
+
+def test_loss_type_perf_dev_losses_are_minus_accuracy_and_accepted_in_their_range():
+    state = init_state(D, 1.0, 1234)
+    good = [site(f"site-{i}", state, loss_type="perf") for i in (1, 2)]
+    for r, acc in zip(good, (0.75, 0.625)):
+        r.metrics.update(dev_loss=-acc, dev_acc=acc)
+    liar = site("site-3", state, loss_type="perf")
+    liar.metrics.update(dev_loss=0.3, dev_acc=0.7)
+    new, row = aggregate_round(state, [*good, liar])
+    assert row["sites"] == ["site-1", "site-2"] and new.loss_type == "perf"
+    assert row["dropped"]["site-3"] == "dev_loss 0.3 is not a number in [-1, 0] (--loss_type perf reports -accuracy)"
+    assert row["dev_loss"] == pytest.approx(-(0.75 + 0.625) / 2) and new.best_round == 0

@@ -18,7 +18,7 @@ from .blackbox import BlackBox, BlackBoxConfig, resolve_model_path
 from .config import AUTO
 from .tasks import get_task
 
-# What a prompt file must hold to be used; RunRecorder writes these from the first site's description.
+# What a prompt file must hold to be used; RunRecorder writes these from a reference site's description.
 REQUIRED = ("z", "soft_prompt", "seed", "model_name", "model_type", "task_name", "n_prompt_tokens", "hidden_size",
             "projection_scale", "prompt_at", "cat_or_add", "fingerprint")  # fmt: skip
 # The description keys that make the projection A and say where A z enters (BlackBox's fingerprint covers them).

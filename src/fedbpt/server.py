@@ -25,13 +25,20 @@ BEST_PROMPT_FILE = "best_prompt.npz"
 FINAL_PROMPT_FILE = "final_prompt.npz"
 # Metrics a site reports about the prompt it received; the counts weight the site's dev and test figures.
 COUNTS = ("n_train", "n_dev", "n_test")
-LOSSES = ("dev_loss", "dev_acc", "test_loss", "test_acc")
+LOSSES = ("dev_loss", "test_loss")
+SCORES = ("dev_acc", "test_acc")  # accuracy, or F1 for tasks scored by F1
+# How the best round is chosen, as summary.json says it.
+SELECTION = (
+    "a round beats the best round so far when its dev loss, weighted by the sites' dev examples, is lower over "
+    "the sites whose dev figures both rounds hold (dev_sites and compared_on in metrics.jsonl); with no site "
+    "in common, over all of each round's sites"
+)
 
 
 @dataclass
 class SiteReport:
     """One site's answer in one round: its local search result, the metrics of the prompt it received,
-    the fingerprint of its projection and (sent once, kept by the server) its description."""
+    the fingerprint of its projection and its description (sent with every result)."""
 
     site: str
     result: LocalResult
@@ -47,26 +54,67 @@ def _weighted(reports: list[SiteReport], key: str, weight: str) -> float | None:
     return sum(v * w for v, w in pairs) / total if pairs and total > 0 else None
 
 
-def adopt_reference(state: ServerState, report: SiteReport) -> ServerState:
-    """The first site the server hears from sets what every site must share: the projection, the local
-    popsize and the number of local generations."""
-    if state.fingerprint or not report.fingerprint:
+def choose_reference(state: ServerState, reports: list[SiteReport], max_step: float = MAX_STEP) -> ServerState:
+    """Set what every site must share beyond the server's own seed and intrinsic_dim (the projection, the local
+    popsize and generations, the loss type), once: the settings of the most sites among those of the first
+    round heard whose reports pass their own checks. Neither arrival order nor a report that fails its checks
+    decides; a tie goes to the group with the first site by name, with a warning."""
+    if state.local_iter:  # chosen in an earlier round (the checkpoint keeps it)
         return state
-    return replace(state, fingerprint=report.fingerprint, fingerprint_site=report.site,
-                   local_popsize=report.result.popsize, local_iter=int(report.result.sigmas.size))  # fmt: skip
+    groups: dict[tuple, list[str]] = {}
+    for r in reports:
+        if check_report(r, state, max_step) is None:
+            key = (r.fingerprint, r.result.popsize, int(r.result.sigmas.size), str(r.description.get("loss_type", "")))
+            groups.setdefault(key, []).append(r.site)
+    if not groups:
+        return state
+    ranked = sorted(groups.items(), key=lambda kv: (-len(kv[1]), min(kv[1])))
+    key, sites = ranked[0][0], sorted(ranked[0][1])
+    how = f"round {state.round}'s majority, {len(sites)} of {len(reports)} sites: {', '.join(sites)}"
+    if len(ranked) > 1 and len(ranked[1][1]) == len(sites):
+        how = f"round {state.round}'s first site by name, in a tie of {len(sites)}-site groups: {', '.join(sites)}"
+        log.warning("round %d: no majority among the sites' settings; holding every site to %s", state.round, how)
+    return replace(state, fingerprint=key[0], fingerprint_site=sites[0], local_popsize=key[1], local_iter=key[2],
+                   loss_type=key[3], reference_from=how)  # fmt: skip
 
 
 def check_report(report: SiteReport, state: ServerState, max_step: float = MAX_STEP,
                  reference: dict | None = None) -> str | None:  # fmt: skip
-    """Why a site's report cannot be used, or None: another projection than the first site's, implausible
-    metrics or example counts, or a result that ``search.check_result`` refuses."""
+    """Why a site's report cannot be used, or None: what ``check_measurement`` refuses, or a search result
+    that ``search.check_result`` refuses."""
+    return check_measurement(report, state, reference) or check_result(report.result, state, max_step)
+
+
+def check_measurement(report: SiteReport, state: ServerState, reference: dict | None = None) -> str | None:
+    """Why a site's figures for the broadcast prompt (dev and test loss and score, example counts) cannot be
+    used, or None: settings other than the server's or the run's (so it scored another prompt), or
+    implausible figures. ``reference`` is the description of a site with the run's projection."""
+    description = report.description
+    why = server_mismatch(report, state)
+    if why:
+        return why
     if state.fingerprint and report.fingerprint != state.fingerprint:
         return projection_mismatch(report, state, reference or {})
+    loss_type = str(description.get("loss_type") or state.loss_type)
+    if state.loss_type and loss_type != state.loss_type:
+        return (
+            f"--loss_type {loss_type} differs from --loss_type {state.loss_type} (that of {state.reference_from}): "
+            "its dev losses are on another scale"
+        )
     for key in LOSSES:
         value = report.metrics.get(key)
-        if value is not None and not (math.isfinite(value) and value >= 0):
+        if value is None:
+            continue
+        if loss_type == "perf":  # -accuracy (or -F1)
+            if not (math.isfinite(value) and -1.0 <= value <= 0.0):
+                return f"{key} {value!r} is not a number in [-1, 0] (--loss_type perf reports -accuracy)"
+        elif not (math.isfinite(value) and value >= 0):
             return f"{key} {value!r} is not a finite, non-negative number"
-    pool = _pool_size(reference or report.description)
+    for key in SCORES:
+        value = report.metrics.get(key)
+        if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            return f"{key} {value!r} is not a number in [0, 1]"
+    pool = _pool_size(reference or description)
     for key in COUNTS:
         count = report.metrics.get(key)
         if count is None:
@@ -75,7 +123,24 @@ def check_report(report: SiteReport, state: ServerState, max_step: float = MAX_S
             return f"{key} {count!r} is not a positive number of examples"
         if key != "n_test" and pool and count > pool:
             return f"{key} {int(count)} is more than the {pool} examples of the k-shot pool (k_shot x labels)"
-    return check_result(report.result, state, max_step)
+    return None
+
+
+def server_mismatch(report: SiteReport, state: ServerState) -> str | None:
+    """A site whose --seed or --intrinsic_dim differs from the server's own (config_fed_server.conf, or the
+    checkpoint it resumed from), by the site's description."""
+    mine = report.description
+    if mine.get("seed") is not None and int(mine["seed"]) != state.seed:
+        return (
+            f"its --seed {mine['seed']} differs from the server's seed {state.seed}: give every site's --seed and "
+            "seed in config_fed_server.conf the same value (the projection is built from it)"
+        )
+    if mine.get("intrinsic_dim") is not None and int(mine["intrinsic_dim"]) != state.dim:
+        return (
+            f"its --intrinsic_dim {mine['intrinsic_dim']} differs from the server's intrinsic_dim {state.dim} "
+            "(config_fed_server.conf, or the checkpoint it resumed from)"
+        )
+    return None
 
 
 def _pool_size(description: dict) -> int:
@@ -86,17 +151,41 @@ def _pool_size(description: dict) -> int:
 
 
 def projection_mismatch(report: SiteReport, state: ServerState, reference: dict) -> str:
-    """A message that names both sites and, where both described themselves, what differs."""
+    """A message that names the site's and the run's projection and, where both are described, what differs."""
     mine = report.description
     keys = sorted(k for k in set(mine) | set(reference) if k != "fingerprint" and mine.get(k) != reference.get(k))
     differs = "; ".join(f"{k} {mine.get(k)!r} vs {reference.get(k)!r}" for k in keys)
     return (
-        f"its projection (fingerprint {report.fingerprint or 'missing'}) differs from the one of "
-        f"{state.fingerprint_site} (fingerprint {state.fingerprint}), the first site heard"
+        f"its projection (fingerprint {report.fingerprint or 'missing'}) differs from the run's (fingerprint "
+        f"{state.fingerprint}, that of {state.reference_from or state.fingerprint_site})"
         + (f": {differs}" if differs else "")
         + "; every site needs the same --seed, --model_name, --n_prompt_tokens, --intrinsic_dim, --sigma, --alpha "
         "and --prompt_at"
     )
+
+
+def _dev_loss(figures: dict[str, list[float]], sites: list[str]) -> float:
+    """The dev loss over ``sites``, weighted by their dev examples; figures: {site: [dev_loss, dev_acc, n_dev]}."""
+    total = sum(figures[s][2] for s in sites)
+    return sum(figures[s][0] * figures[s][2] for s in sites) / total
+
+
+def compare_with_best(figures: dict[str, list[float]], state: ServerState) -> tuple[bool, list[str]]:
+    """Whether this round's dev figures beat the best round's, and the sites compared on: those whose dev
+    figures both rounds hold, so that a round does not win because a site with a hard shard was absent."""
+    if not figures:
+        return False, []
+    if state.best_round < 0:
+        return True, sorted(figures)
+    best = json.loads(state.best_sites) if state.best_sites else {}
+    common = sorted(set(figures) & set(best))
+    if not common:  # nothing in common (or a checkpoint without per-site figures): the rounds as they are
+        return _dev_loss(figures, sorted(figures)) < state.best_dev_loss, []
+    return _dev_loss(figures, common) < _dev_loss(best, common), common
+
+
+def _number(value: float | None) -> float:
+    return math.nan if value is None else float(value)
 
 
 def aggregate_round(
@@ -112,16 +201,22 @@ def aggregate_round(
     ``reports`` come in the order the server heard them; ``refused`` names the sites whose answers the
     transport already refused, with the reason; ``expected`` lists every site the round was sent to.
     The row describes the prompt that was broadcast this round (``state.mean``): its dev loss and accuracy
-    weighted by the sites' dev examples, and its test accuracy where evaluator sites measured it. The
-    best prompt is chosen on the dev loss alone, never on test. Every site left out is named with why.
+    weighted by the sites' dev examples, and its test accuracy where evaluator sites measured it. They come
+    from every site whose measurement is valid, also when its search result is not (``dev_sites`` names
+    them); the search update uses the sites in ``sites``. The best prompt is chosen on the dev loss alone,
+    never on test (see ``compare_with_best``). Every site left out is named with why.
     """
-    for report in reports:
-        state = adopt_reference(state, report)
-    reference = next((r.description for r in reports if r.site == state.fingerprint_site), {})
+    state = choose_reference(state, reports, max_step)
+    reference = next((r.description for r in reports if r.site == state.fingerprint_site and r.description), None)
+    if reference is None and state.fingerprint:
+        reference = next((r.description for r in reports if r.fingerprint == state.fingerprint and r.description), {})
     dropped = dict(refused or {})
-    used = []
+    measured, used = [], []
     for report in reports:
-        reason = check_report(report, state, max_step, reference)
+        reason = check_measurement(report, state, reference)
+        if reason is None:
+            measured.append(report)
+            reason = check_result(report.result, state, max_step)
         if reason:
             log.warning("round %d: leaving out %s: %s", state.round, report.site, reason)
             dropped[report.site] = reason
@@ -133,16 +228,20 @@ def aggregate_round(
         why = "; ".join(f"{site}: {reason}" for site, reason in sorted(dropped.items())) or "no site answered"
         raise RuntimeError(f"round {state.round}: no usable site result ({why})")
     used.sort(key=lambda r: r.site)
+    measured.sort(key=lambda r: r.site)
+    figures = {r.site: [r.metrics["dev_loss"], r.metrics.get("dev_acc", math.nan), r.metrics.get("n_dev", 1.0)]
+               for r in measured if "dev_loss" in r.metrics}  # fmt: skip
 
     row = {
         "round": state.round,
-        "dev_loss": _weighted(used, "dev_loss", "n_dev"),
-        "dev_acc": _weighted(used, "dev_acc", "n_dev"),
-        "test_loss": _weighted(used, "test_loss", "n_test"),
-        "test_acc": _weighted(used, "test_acc", "n_test"),
+        "dev_loss": _weighted(measured, "dev_loss", "n_dev"),
+        "dev_acc": _weighted(measured, "dev_acc", "n_dev"),
+        "test_loss": _weighted(measured, "test_loss", "n_test"),
+        "test_acc": _weighted(measured, "test_acc", "n_test"),
         "sigma": state.sigma,
         "mean_norm": float(np.linalg.norm(state.mean)),
         "sites": [r.site for r in used],
+        "dev_sites": sorted(figures),
         "dropped": dict(sorted(dropped.items())),
         "missing": missing,
         "local_fitness": float(np.mean([r.result.fitness for r in used])),
@@ -151,8 +250,11 @@ def aggregate_round(
     for key in ("padded_tokens", "attended_tokens", "nonfinite_candidates"):
         if any(key in r.metrics for r in used):
             row[key] = int(sum(r.metrics.get(key, 0) for r in used))
-    if row["dev_loss"] is not None and row["dev_loss"] < state.best_dev_loss:
-        state = replace(state, best_round=state.round, best_dev_loss=row["dev_loss"], best_mean=state.mean.copy())
+    better, row["compared_on"] = compare_with_best(figures, state)
+    if better:
+        state = replace(state, best_round=state.round, best_dev_loss=row["dev_loss"], best_mean=state.mean.copy(),
+                        best_dev_acc=_number(row["dev_acc"]), best_test_acc=_number(row["test_acc"]),
+                        best_sites=json.dumps(figures, sort_keys=True))  # fmt: skip
     update = update_with_clipping(state, [r.result for r in used], step_rule)
     row["clipped"] = {r.site: round(float(f), 4) for r, f in zip(used, update.clipped) if f < 1.0}
     for site, factor in row["clipped"].items():
@@ -160,6 +262,18 @@ def aggregate_round(
     row["next_sigma"] = update.state.sigma
     row["best_round"] = update.state.best_round
     return update.state, row
+
+
+def _figure(value: float) -> float | None:
+    """A state figure for JSON: None where not measured (nan) or never set (inf)."""
+    return float(value) if math.isfinite(value) else None
+
+
+def _fewer_dev_sites(rows: list[dict]) -> dict[str, list[str]]:
+    """The rounds whose dev figures lack sites that other rounds of this job hold, with the sites absent."""
+    every = set().union(*(r.get("dev_sites", []) for r in rows))
+    return {str(r["round"]): sorted(every - set(r["dev_sites"])) for r in rows
+            if "dev_sites" in r and every - set(r["dev_sites"])}  # fmt: skip
 
 
 class RunRecorder:
@@ -179,24 +293,27 @@ class RunRecorder:
         os.replace(tmp, self.path(STATE_FILE))  # never a half-written checkpoint
 
     def record(self, row: dict, state: ServerState, prompt_info: dict | None = None) -> None:
-        """Append the round's row, refresh summary.json and the best and final prompt files."""
+        """Append the round's row; refresh summary.json and the best and final prompt files from the state,
+        which holds the best round also when it was found before a resume."""
         with open(self.path(METRICS_FILE), "a") as f:
             f.write(json.dumps(row) + "\n")
         rows = self.rows()
-        best = next((r for r in rows if r["round"] == state.best_round), None)
         summary = {
             "rounds": len(rows),
             "best_round": state.best_round,
-            "best_dev_loss": best["dev_loss"] if best else None,
-            "best_dev_acc": best["dev_acc"] if best else None,
-            "best_test_acc": best["test_acc"] if best else None,
+            "best_dev_loss": _figure(state.best_dev_loss),
+            "best_dev_acc": _figure(state.best_dev_acc),
+            "best_test_acc": _figure(state.best_test_acc),
+            "best_dev_sites": sorted(json.loads(state.best_sites)) if state.best_sites else [],
             "final_round": rows[-1]["round"],
             "final_dev_acc": rows[-1]["dev_acc"],
             "final_test_acc": rows[-1]["test_acc"],
+            "selection": SELECTION,
+            "rounds_with_fewer_dev_sites": _fewer_dev_sites(rows),
         }
         with open(self.path(SUMMARY_FILE), "w") as f:
             json.dump(summary, f, indent=2)
-        if state.best_round == row["round"]:
+        if state.best_round >= 0:  # every round: a resumed job's best may come from the checkpoint
             self._write_prompt(BEST_PROMPT_FILE, state.best_mean, state, prompt_info, state.best_round)
         self._write_prompt(FINAL_PROMPT_FILE, state.mean, state, prompt_info, state.round)
 

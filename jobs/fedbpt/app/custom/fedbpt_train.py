@@ -38,7 +38,7 @@ def main() -> None:
     flare.init()
     site = flare.get_site_name()
     writer = SummaryWriter()
-    client, error, described = None, None, False
+    client, error = None, None
 
     while flare.is_running():
         received = flare.receive()
@@ -61,8 +61,9 @@ def main() -> None:
                 writer.add_scalar(key, metrics[key], global_step=start.round)
         params, meta = encode_up(result)
         meta["fingerprint"] = client.blackbox.fingerprint
-        if not described:  # once: the server checks the site against it and writes the prompt files from it
-            meta["description"], described = client.description(), True
+        # with every result (about 500 bytes): a server that missed or lost an earlier one still checks the site
+        # against it and writes the prompt files from it
+        meta["description"] = client.description()
         flare.send(flare.FLModel(params=params, metrics=metrics, meta=meta))
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from .blackbox import BlackBox, BlackBoxConfig
 from .config import ClientConfig, site_data_dir
 from .data import Split, k_shot_pools, load_split, site_index, site_shards
-from .search import GlobalPrompt, LocalResult, derive_seed, local_search
+from .search import GlobalPrompt, LocalResult, derive_seed, local_search, perturbation_seed
 from .tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -99,13 +99,14 @@ class FedBPTClient:
                  counts.tolist(), len(self.dev), len(self.test) if self.test is not None else "no")  # fmt: skip
 
     def description(self) -> dict:
-        """What the server needs once: how to turn z into the soft prompt (L x H) and use it without the
-        federation (sigma and alpha let fedbpt.predict rebuild the projection scale from the model), the
-        projection's fingerprint, and the sizes it checks the site's reports against."""
+        """What the server needs (sent with every result): how to turn z into the soft prompt (L x H) and use it
+        without the federation (sigma and alpha let fedbpt.predict rebuild the projection scale from the
+        model), the projection's fingerprint, the sizes it checks the site's reports against, and the loss
+        type (the scale of the site's dev losses)."""
         task = get_task(self.cfg.task_name)
         return {**self.blackbox.description(), "k_shot": self.cfg.k_shot, "num_labels": task.num_labels,
                 "local_popsize": self.cfg.local_popsize, "local_iter": self.cfg.local_iter,
-                "sigma": self.cfg.sigma, "alpha": self.cfg.alpha}  # fmt: skip
+                "sigma": self.cfg.sigma, "alpha": self.cfg.alpha, "loss_type": self.cfg.loss_type}  # fmt: skip
 
     def accept(self, start: GlobalPrompt) -> None:
         """Take the search dimension from the server's message; a site that asked for another one stops."""
@@ -136,7 +137,7 @@ class FedBPTClient:
         seed = derive_seed(self.cfg.seed, self.site, round_, shared=shared)
         rows = self.train
         if self.cfg.perturb:  # one perturbed copy per round, scored beside the clean rows
-            rng = np.random.default_rng(seed)
+            rng = np.random.default_rng(perturbation_seed(self.cfg.seed, self.site, round_, shared=shared))
             rows = self.train.concat(bb.perturb(self.train, self.cfg.perturb_rate, rng, self.cfg.perturb_scope))
 
         def objective(z: np.ndarray) -> np.ndarray:

@@ -104,7 +104,8 @@ _HELP = {
     "token_budget": "most tokens (sequences x padded length) in one forward pass (auto: sized for the device)",
     "dtype": "model weights: auto (float16 on CUDA, float32 on the CPU), float32, bfloat16 or float16",
     "verbalizer_space": "masked LMs: 1 reads the space-prefixed label word (e.g. 'Ġgreat'), 0 the bare one",
-    "random_stream": "per_site: a search stream per (seed, site, round); shared: one stream (public example)",
+    "random_stream": "per_site: a search stream per (seed, site, round); shared: one search stream for every site "
+    "and round, and a new perturbed copy each round (the public example)",
     "label_scale": "sentence encoders: class score = cosine similarity x this",
     "prompt_at": "where A z is added: embeddings (the embeddings block's output, BBT's place), word_embeddings "
     "(the input embeddings) or auto (embeddings, but word_embeddings for decoder-only models)",

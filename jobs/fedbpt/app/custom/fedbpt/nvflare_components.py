@@ -30,11 +30,13 @@ from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 from nvflare.fuel.utils import fobs
 
 from .search import COVARIANCES, MAX_STEP, STEP_RULES, ServerState, decode_up, encode_down, init_state, load_state
-from .server import STATE_FILE, RunRecorder, SiteReport, aggregate_round
+from .server import STATE_FILE, RunRecorder, SiteReport, aggregate_round, check_measurement
 
 # The global figures of each round that the aggregator sends to TensorBoard (the same tags as the sites'
 # scalars, so that TensorBoard draws the server's curve beside each site's).
 SERVER_SCALARS = ("dev_acc", "test_acc", "dev_loss", "sigma")
+# What a late answer's row entry keeps: its figures for the prompt of the round it answered.
+LATE_FIGURES = ("dev_loss", "dev_acc", "n_dev", "test_loss", "test_acc", "n_test")
 
 
 def wire_bytes(shareable: Shareable) -> int:
@@ -105,8 +107,9 @@ class FedBPTAggregator(Aggregator):
     """Collects the sites' local means and fitnesses and runs the global CMA-ES update on them.
 
     Every result it cannot use is named in that round's metrics row with the reason: a task that failed,
-    an answer to another round, a malformed message, an error the site reported, or what
-    ``server.check_report`` refuses. A site heard from before that does not answer is named as missing."""
+    a malformed message, an error the site reported, or what ``server.check_report`` refuses. A late answer
+    to an earlier round is logged, and its measurement of that round's prompt recorded under ``late``. A site
+    heard from before that does not answer is named as missing."""
 
     def __init__(self, step_rule: str = "eq6", max_step: float = MAX_STEP):
         super().__init__()
@@ -117,8 +120,9 @@ class FedBPTAggregator(Aggregator):
         self.step_rule, self.max_step = step_rule, float(max_step)
         self.reports: list[SiteReport] = []  # in the order they arrived
         self.refused: dict[str, str] = {}
-        self.descriptions: dict[str, dict] = {}  # each site's description, sent with its first result
+        self.descriptions: dict[str, dict] = {}  # each site's latest description (sent with every result)
         self.known_sites: set[str] = set()
+        self.late: dict[str, dict] = {}  # late answers' measurements of an earlier round's prompt
         self.round_started = time.perf_counter()
         self.recorder: RunRecorder | None = None  # made on first use: the run dir is known only then
 
@@ -141,7 +145,9 @@ class FedBPTAggregator(Aggregator):
             self.refuse(site, f"its task ended with {shareable.get_return_code()}", fl_ctx)
             return False
         if contributed is not None and contributed != current:
-            self.log_warning(fl_ctx, f"{site} answered round {contributed} in round {current}; result ignored")
+            self.log_warning(fl_ctx, f"{site} answered round {contributed} in round {current}; its search result "
+                             "is ignored, its measurement of that round's prompt recorded under late")  # fmt: skip
+            self.keep_late(site, int(contributed), shareable, fl_ctx)
             return False
         try:
             model = FLModelUtils.from_shareable(shareable)
@@ -154,13 +160,34 @@ class FedBPTAggregator(Aggregator):
         except (ValueError, TypeError, KeyError) as e:
             self.refuse(site, f"malformed result: {e}", fl_ctx)
             return False
-        if isinstance(meta.get("description"), dict):  # sites send it with their first result only
+        if isinstance(meta.get("description"), dict):  # with every result: the latest one wins
             self.descriptions[site] = dict(meta["description"])
         self.known_sites.add(site)
         self.reports.append(SiteReport(site, result, metrics, bytes_up=wire_bytes(shareable),
                                        fingerprint=str(meta.get("fingerprint", "")),
                                        description=self.descriptions.get(site, {})))  # fmt: skip
         return True
+
+    def keep_late(self, site: str, round_: int, shareable: Shareable, fl_ctx: FLContext) -> None:
+        """A late answer to round ``round_``: keep its description, and record its valid measurement of that
+        round's prompt in the next row under ``late``. That round is closed: its row and selection stand."""
+        try:
+            model = FLModelUtils.from_shareable(shareable)
+            meta = model.meta or {}
+            result = decode_up(model.params or {}, meta)
+            metrics = {k: float(v) for k, v in (model.metrics or {}).items()}
+        except (ValueError, TypeError, KeyError):
+            return
+        if isinstance(meta.get("description"), dict):
+            self.descriptions[site] = dict(meta["description"])
+        learnable = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+        if "dev_loss" not in metrics or not isinstance(learnable, ModelLearnable):
+            return
+        report = SiteReport(site, result, metrics, fingerprint=str(meta.get("fingerprint", "")),
+                            description=self.descriptions.get(site, {}))  # fmt: skip
+        if check_measurement(report, _state(learnable)) is None:
+            figures = {k: metrics[k] for k in LATE_FIGURES if k in metrics}
+            self.late[site] = {"round": round_, **figures}
 
     def aggregate(self, fl_ctx: FLContext) -> Shareable:
         state = _state(fl_ctx.get_prop(AppConstants.GLOBAL_MODEL))
@@ -173,6 +200,8 @@ class FedBPTAggregator(Aggregator):
             self.log_error(fl_ctx, str(e))
             raise
         used = set(row["sites"])
+        if self.late:
+            row["late"], self.late = dict(sorted(self.late.items())), {}
         row.update(
             bytes_up=[r.bytes_up for r in sorted(reports, key=lambda r: r.site) if r.site in used],
             bytes_down=wire_bytes(_broadcast(state)),
@@ -211,11 +240,12 @@ class FedBPTAggregator(Aggregator):
 
 class FedBPTScatterAndGather(ScatterAndGather):
     """ScatterAndGather with an optional early stop: after ``patience`` rounds in which the aggregated dev
-    loss did not beat the best round (0: run all ``num_rounds``). The other arguments are ScatterAndGather's."""
+    loss did not beat the best round (0: run all ``num_rounds``), and ``min_clients = 0`` (the default): every
+    round waits for every site the job started. The other arguments are ScatterAndGather's."""
 
     def __init__(
         self,
-        min_clients: int = 1000,
+        min_clients: int = 0,
         num_rounds: int = 5,
         start_round: int = 0,
         wait_time_after_min_received: int = 10,
@@ -227,9 +257,11 @@ class FedBPTScatterAndGather(ScatterAndGather):
         ignore_result_error: bool = True,
         patience: int = 0,
     ):
+        if not isinstance(min_clients, int) or min_clients < 0:
+            raise ValueError(f"min_clients must be a whole number >= 0 (0: every site of the job), got {min_clients!r}")
         # Every argument is spelt out (no **kwargs) so that NVFlare's Job API can export them.
         super().__init__(
-            min_clients=min_clients,
+            min_clients=max(1, min_clients),  # ScatterAndGather wants >= 1; 0 is resolved when the job starts
             num_rounds=num_rounds,
             start_round=start_round,
             wait_time_after_min_received=wait_time_after_min_received,
@@ -243,11 +275,13 @@ class FedBPTScatterAndGather(ScatterAndGather):
         if patience < 0:
             raise ValueError(f"patience must be >= 0, got {patience}")
         self.patience = int(patience)
+        self.every_site = min_clients == 0
 
     def start_controller(self, fl_ctx: FLContext) -> None:
         """As ScatterAndGather's, and a job that resumes a search continues its rounds: it starts at the
         checkpoint's round and runs what is left of ``num_rounds`` (NVFlare would restart at round 0)."""
         super().start_controller(fl_ctx)
+        self.resolve_min_clients(fl_ctx)
         if self._current_round is not None or not isinstance(self._global_weights, ModelLearnable):
             return  # restored from NVFlare's own snapshot, or no model: ScatterAndGather knows best
         done = _state(self._global_weights).round
@@ -256,6 +290,22 @@ class FedBPTScatterAndGather(ScatterAndGather):
             self._num_rounds = max(0, self._num_rounds - done)
             fl_ctx.set_prop(AppConstants.START_ROUND, self._start_round, private=True, sticky=True)
             self.log_info(fl_ctx, f"resuming after round {done - 1}: {self._num_rounds} rounds left of num_rounds")
+
+    def resolve_min_clients(self, fl_ctx: FLContext) -> None:
+        """``min_clients = 0``: every site the job started, in every round. A smaller number with no wait for
+        stragglers closes each round on the fastest sites: say so in the log, naming the keys."""
+        sites = len(self._engine.get_clients())
+        if self.every_site:
+            self._min_clients = max(1, sites)
+            self.log_info(fl_ctx, f"min_clients = 0: every round waits for all {sites} sites of the job")
+        elif self._min_clients < sites and self._wait_time_after_min_received == 0:
+            self.log_warning(
+                fl_ctx,
+                f"min_clients = {self._min_clients} of the job's {sites} sites and wait_time_after_min_received = 0: "
+                f"each round closes on the {self._min_clients} fastest sites and leaves the others' results out (an "
+                "evaluator's test accuracy too); set min_clients = 0 for every site, or give "
+                "wait_time_after_min_received the seconds to wait for the others",
+            )
 
     def _accept_train_result(self, client_name: str, result: Shareable, fl_ctx: FLContext,
                              is_unknown_task: bool = False) -> bool:  # fmt: skip

@@ -10,7 +10,7 @@ import functools
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 
 import cma
 import numpy as np
@@ -42,12 +42,22 @@ class ServerState:
     best_round: int = -1  # round whose broadcast prompt had the lowest aggregated dev loss
     best_dev_loss: float = math.inf
     best_mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    # What every site must share, taken from the first site the server hears from ("" and 0: not yet):
-    # the projection's fingerprint and that site's name, the local popsize and number of generations.
+    # The best round's other figures (nan: not measured), kept here so that a resumed job can report them,
+    # and its sites' own dev figures as JSON {site: [dev_loss, dev_acc, n_dev]}: later rounds are compared
+    # with it on the sites that both measured.
+    best_dev_acc: float = math.nan
+    best_test_acc: float = math.nan
+    best_sites: str = ""
+    # What every site must share beyond the server's own seed and intrinsic_dim ("" and 0: not yet), taken
+    # from the majority of the first round's sites that pass their own checks: the projection's fingerprint,
+    # one site that has it, the local popsize, the number of local generations and the loss type (sites
+    # with another loss report dev losses on another scale); ``reference_from`` says how it was chosen.
     fingerprint: str = ""
     fingerprint_site: str = ""
     local_popsize: int = 0
     local_iter: int = 0
+    loss_type: str = ""
+    reference_from: str = ""
 
     @property
     def dim(self) -> int:
@@ -164,7 +174,7 @@ def check_result(result: LocalResult, state: ServerState, max_step: float = MAX_
     """Why a site's result cannot be used, or None.
 
     It must have the state's dimension; finite values; ``local_iter`` positive step sizes, each within
-    ``SIGMA_FACTOR`` of the broadcast sigma; the popsize of the other sites; and a step no longer than
+    ``SIGMA_FACTOR`` of the broadcast sigma; the run's popsize and generations; and a step no longer than
     ``max_step`` times the step its local search makes when the fitness carries no signal."""
     if result.mean.shape != state.mean.shape:
         return (
@@ -177,7 +187,7 @@ def check_result(result: LocalResult, state: ServerState, max_step: float = MAX_
     if sigmas.size == 0 or not np.all(np.isfinite(sigmas)) or np.any(sigmas <= 0):
         return "sigmas must be a non-empty array of positive numbers"
     if state.local_iter and sigmas.size != state.local_iter:
-        return f"{sigmas.size} local step sizes, expected --local_iter {state.local_iter} (the first site's)"
+        return f"{sigmas.size} local step sizes, expected --local_iter {state.local_iter} ({_reference(state)})"
     low, high = float(sigmas.min()), float(sigmas.max())
     if low < state.sigma / SIGMA_FACTOR or high > state.sigma * SIGMA_FACTOR:
         return (
@@ -187,7 +197,9 @@ def check_result(result: LocalResult, state: ServerState, max_step: float = MAX_
     if result.popsize < 2:
         return f"local popsize {result.popsize} < 2"
     if state.local_popsize and result.popsize != state.local_popsize:
-        return f"local popsize {result.popsize} differs from {state.local_popsize} (the first site's --local_popsize)"
+        return (
+            f"local popsize {result.popsize} differs from --local_popsize {state.local_popsize} ({_reference(state)})"
+        )
     step = float(np.linalg.norm(result.mean - state.mean))
     honest = state.sigma * math.sqrt(no_signal_step_variance(result.popsize) * sigmas.size)
     if step > max_step * honest * math.sqrt(state.dim):
@@ -196,6 +208,10 @@ def check_result(result: LocalResult, state: ServerState, max_step: float = MAX_
             f"{sigmas.size} local generations move at sigma {state.sigma:.3g} without signal"
         )
     return None
+
+
+def _reference(state: ServerState) -> str:
+    return f"that of {state.reference_from}" if state.reference_from else "the run's"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,6 +225,15 @@ def derive_seed(seed: int, site: str, round_: int, shared: bool = False) -> int:
     site_key = int.from_bytes(hashlib.sha256(str(site).encode()).digest()[:8], "little")
     entropy = [seed] if shared else [seed, site_key, round_]
     return int(np.random.SeedSequence(entropy).generate_state(1)[0] % (2**31 - 2)) + 1
+
+
+def perturbation_seed(seed: int, site: str, round_: int, shared: bool = False) -> int:
+    """The seed of a round's perturbed copy of the site's train shard: the site's search seed, or with
+    ``shared`` one seed for every site that changes every round, as the public example draws a new copy each
+    round while its search stream stays the same."""
+    if not shared:
+        return derive_seed(seed, site, round_)
+    return int(np.random.SeedSequence([seed, round_, 0x9E27]).generate_state(1)[0] % (2**31 - 2)) + 1
 
 
 def _sqrt_cov(cov: np.ndarray) -> np.ndarray:
@@ -406,22 +431,8 @@ def update_with_clipping(state: ServerState, results: list[LocalResult], rule: s
         cov = decay * state.cov + c_1 * np.outer(p_c, p_c) + c_mu * (y.T * w) @ y
         cov = (cov + cov.T) / 2
 
-    new = ServerState(
-        mean=state.mean + sigma_c * y_w,
-        sigma=state.sigma * sigma_after / sigma_c,
-        cov=cov,
-        p_sigma=p_sigma,
-        p_c=p_c,
-        seed=state.seed,
-        round=generation,
-        best_round=state.best_round,
-        best_dev_loss=state.best_dev_loss,
-        best_mean=state.best_mean,
-        fingerprint=state.fingerprint,
-        fingerprint_site=state.fingerprint_site,
-        local_popsize=state.local_popsize,
-        local_iter=state.local_iter,
-    )
+    new = replace(state, mean=state.mean + sigma_c * y_w, sigma=state.sigma * sigma_after / sigma_c, cov=cov,
+                  p_sigma=p_sigma, p_c=p_c, round=generation)  # fmt: skip
     return Update(new, shrink)
 
 

@@ -89,7 +89,7 @@ def run_federation(
         if on_round is not None:
             on_round(previous, reports, state)
         row["seconds"] = round(time.perf_counter() - t0, 3)
-        recorder.record(row, state, descriptions[state.fingerprint_site])
+        recorder.record(row, state, descriptions.get(state.fingerprint_site))
         recorder.save_state(state)
         rows.append(row)
         if server.patience and previous.round - state.best_round >= server.patience:
