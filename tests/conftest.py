@@ -124,11 +124,12 @@ def minilm_dir() -> Path:
 # --- the README's shell blocks ---------------------------------------------------------------------------
 
 
-def readme_block(name: str) -> str:
-    """The shell block that follows ``<!-- name -->`` in the README."""
-    text = (REPO / "README.md").read_text()
+def readme_block(name: str, page: str = "README.md") -> str:
+    """The shell block that follows ``<!-- name -->`` in the README (or in another page, such as
+    ``docs/deployment.md``)."""
+    text = (REPO / page).read_text()
     match = re.search(rf"<!-- {name} -->\s*```(?:bash|sh)?\n(.*?)```", text, re.S)
-    assert match, f"README.md has no block marked <!-- {name} -->"
+    assert match, f"{page} has no block marked <!-- {name} -->"
     return match.group(1)
 
 

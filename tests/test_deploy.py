@@ -1,4 +1,4 @@
-"""The job on real NVFlare systems, as the README's "POC mode and production" section runs it: NVFlare's POC
+"""The job on real NVFlare systems, as docs/deployment.md runs it: NVFlare's POC
 mode and a deployment provisioned from the repository's project.yml, each on a free loopback port, with
 the job submitted, awaited and downloaded through the admin CLI. Each test stops exactly the processes
 it started (by process id) and removes what they wrote, also when an assertion fails."""
@@ -24,11 +24,11 @@ OUTPUTS = ("metrics.jsonl", "summary.json", "best_prompt.npz")
 SERVICE = re.compile(r"nvflare\.private\.fed\.app\.(server|client)\.(server|client)_train")
 
 
-def build_job(block: str, tmp_path: Path, home: Path, **values: str) -> Path:
-    """Run a README block that writes a job folder (minus any simulator line) in a sandbox copy; returns
+def build_job(block: str, tmp_path: Path, home: Path, page: str = "README.md", **values: str) -> Path:
+    """Run a block of a page that writes a job folder (minus any simulator line) in a sandbox copy; returns
     the sandbox root."""
     root = sandbox(tmp_path)
-    script = set_vars(readme_block(block), **values)
+    script = set_vars(readme_block(block, page), **values)
     script = "\n".join(line for line in script.splitlines() if not line.startswith("nvflare simulator"))
     proc = run(script, root, home, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -129,8 +129,8 @@ def test_production_kits_run_the_job_on_site_local_data(tmp_path, tiny_roberta):
             (data / site / "train.tsv").write_text(header + "".join(rows[i::2]))
         shutil.copy(REPO_SST2 / "dev.tsv", data / "hospital-a")
 
-        root = build_job("prod-job", tmp_path, system.home, ROUNDS="2", MODEL_DIR=str(tiny_roberta),
-                         SITE_DATA=str(data))  # fmt: skip
+        root = build_job("prod-job", tmp_path, system.home, "docs/deployment.md", ROUNDS="2",
+                         MODEL_DIR=str(tiny_roberta), SITE_DATA=str(data))  # fmt: skip
         for name in ("localhost", *sites):
             system.start([str(kits / name / "startup" / "start.sh")], tmp_path / f"{name}.log")
         kit = ("--startup-kit", str(kits / admin))
