@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import importlib.util
 import json
 import os
 import re
@@ -113,15 +114,19 @@ def projection_of(prompt) -> np.ndarray:
     return projection(int(prompt["seed"]), prompt["z"].shape[0], size, float(prompt["projection_scale"]))
 
 
-def test_job_api_twin_exports_the_same_components(tmp_path):
-    """job.py (NVFlare's Job API) builds the job the template builds: same workflow and components."""
+def job_py(*args: str, cwd: Path = REPO, timeout: int = 120) -> subprocess.CompletedProcess:
+    """``python job.py ARGS`` as a user runs it."""
+    return subprocess.run([sys.executable, str(REPO / "job.py"), *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})  # fmt: skip
+
+
+def test_recipe_exports_the_template_components(tmp_path):
+    """job.py's FedBPTRecipe builds the job the template builds: same workflow and components; NVFlare's
+    own --export --export-dir write it."""
     out = tmp_path / "export"
     site_flags = "--task_name sst2 --intrinsic_dim 64 --seed 7 --device cpu --num_users 3"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "job.py"), "--export_dir", str(out), "--n_clients", "3", "--num_rounds", "4",
-         "--patience", "2", "--step_rule", "example", "--", *shlex.split(site_flags)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-    )  # fmt: skip
+    proc = job_py("--export", "--export-dir", str(out), "--n_clients", "3", "--num_rounds", "4", "--patience", "2",
+                  "--step_rule", "example", "--", *shlex.split(site_flags))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     app = out / "fedbpt" / "app"
     server = json.loads((app / "config" / "config_fed_server.json").read_text())
@@ -141,7 +146,57 @@ def test_job_api_twin_exports_the_same_components(tmp_path):
     assert (app / "custom" / "fedbpt" / "nvflare_components.py").exists()
 
 
-def test_job_api_twin_rejects_bad_site_flags(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "job.py"), "--export_dir", str(tmp_path), "--", "--k_shot", "0"],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+def test_job_py_rejects_bad_flags_naming_them(tmp_path):
+    proc = job_py("--export", "--export-dir", str(tmp_path), "--", "--k_shot", "0")
     assert proc.returncode != 0 and "--k_shot must be >= 1" in proc.stderr
+    proc = job_py("--export_dir", str(tmp_path))  # the flag before the recipe: says what replaced it
+    assert proc.returncode == 2 and "--export_dir is now NVFlare's own --export --export-dir DIR" in proc.stderr
+    proc = job_py("--env", "prod", "--", "--num_users", "1")
+    assert proc.returncode == 2 and "--env prod needs --startup_kit DIR" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_job_py_keeps_n_clients_and_num_users_consistent(tmp_path):
+    """Two sites of a --num_users 10 split would train on 20% of the pool: job.py makes the two agree, or
+    stops naming both."""
+    spec = importlib.util.spec_from_file_location("fedbpt_job", REPO / "job.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    resolve_sites = job.resolve_sites
+    flags = ["--task_name", "sst2"]
+    assert resolve_sites(None, flags) == (2, [*flags, "--num_users", "2"])  # the sites' own default would be 10
+    assert resolve_sites(3, flags) == (3, [*flags, "--num_users", "3"])
+    assert resolve_sites(None, [*flags, "--num_users", "4"]) == (4, [*flags, "--num_users", "4"])
+    assert resolve_sites(None, [*flags, "--num_users=4"])[0] == 4
+    assert resolve_sites(5, [*flags, "--num_users", "1"]) == (5, [*flags, "--num_users", "1"])  # site-local data
+    with pytest.raises(ValueError, match="--n_clients 3 differs from the sites' --num_users 4"):
+        resolve_sites(3, [*flags, "--num_users", "4"])
+
+    proc = job_py("--export", "--export-dir", str(tmp_path), "--n_clients", "2", "--", "--num_users", "10")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last == (
+        "job.py: error: --n_clients 2 differs from the sites' --num_users 10: the sites would train on 2 of 10 "
+        "shards (20% of the pool); give both the same value (or --num_users 1: each site uses all of its own "
+        "--data_dir)"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+    proc = job_py("--export", "--export-dir", str(tmp_path), "--", "--num_users", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = tmp_path / "fedbpt" / "app" / "config"
+    workflow = json.loads((config / "config_fed_server.json").read_text())["workflows"][0]
+    assert workflow["args"]["min_clients"] == 3 and json.loads((tmp_path / "fedbpt" / "meta.json").read_text())[
+        "min_clients"] == 3  # fmt: skip
+
+
+def test_tracking_without_its_package_is_a_one_line_error(tmp_path):
+    missing = [name for name in ("mlflow", "wandb") if importlib.util.find_spec(name) is None]
+    if not missing:
+        pytest.skip("mlflow and wandb are both installed")
+    proc = job_py("--tracking", missing[0], "--export", "--export-dir", str(tmp_path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"job.py: error: --tracking {missing[0]}: {missing[0]} is not installed. Please install it using "
+        f"`pip install {missing[0]}`"
+    )
+    assert list(tmp_path.iterdir()) == []
