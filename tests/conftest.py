@@ -142,11 +142,12 @@ def set_vars(block: str, **values: str) -> str:
 
 
 def sandbox(tmp_path: Path) -> Path:
-    """A copy of what the commands read (templates, sources, data), so that they can write ./jobs freely."""
+    """A copy of what the commands read (templates, job.py, sources, data), so that they can write ./jobs freely."""
     root = tmp_path / "repo"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for part in ("job_templates", "src", "data"):
         shutil.copytree(REPO / part, root / part, ignore=ignore)
+    shutil.copy(REPO / "job.py", root)
     (root / "jobs").mkdir()
     return root
 

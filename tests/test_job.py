@@ -49,7 +49,11 @@ def differences(a: Path, b: Path) -> list[str]:
     return out
 
 
-def test_readme_cpu_variant_runs_in_the_simulator(tmp_path, tiny_roberta):
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory, tiny_roberta) -> tuple[Path, Path]:
+    """The README's CPU quickstart, 2 sites and 2 rounds on the tiny model, through the template commands
+    and NVFlare's simulator: the sandbox root and the server's run directory."""
+    tmp_path = tmp_path_factory.mktemp("cpu-run")
     root = sandbox(tmp_path)
     home = tmp_path / "home"
     home.mkdir()
@@ -58,8 +62,11 @@ def test_readme_cpu_variant_runs_in_the_simulator(tmp_path, tiny_roberta):
                       WORKSPACE=str(workspace))  # fmt: skip
     proc = run(script, root, home, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return root, workspace / "server" / "simulate_job"
 
-    run_dir = workspace / "server" / "simulate_job"
+
+def test_readme_cpu_variant_runs_in_the_simulator(cpu_run, tmp_path):
+    root, run_dir = cpu_run
     nvflare_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in nvflare_rows] == [0, 1]
     for row in nvflare_rows:
@@ -105,6 +112,44 @@ def server_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(logdir))
     events.Reload()
     return {tag: [(p.step, p.value) for p in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_recipe_in_simenv_reaches_the_template_flows_global_mean(cpu_run, tiny_roberta, tmp_path):
+    """The README's `python job.py --env sim` line, with the quickstart's site flags and seed: the recipe
+    (FedBPTRecipe in SimEnv) reaches the template flow's global mean, sigma and dev accuracies."""
+    root, template_dir = cpu_run
+    quickstart, recipe = readme_block("cpu-run"), readme_block("recipe-run")
+    app_config = re.search(r'app_config="([^"]*)"', quickstart).group(1)
+    site_flags = re.search(r'^SITE_FLAGS="([^"]*)"$', recipe, re.M).group(1)
+    assert site_flags == app_config.replace("${SEED}", "1234").replace("${N_CLIENTS}", "2")  # the same flags
+
+    workspace = tmp_path / "simulation"
+    sim = next(line for line in recipe.splitlines() if line.startswith("python job.py --env sim "))
+    assert sim.count("--workspace /tmp/nvflare/simulation") == 1
+    variables = [line for line in quickstart.splitlines() if line.startswith(("MODEL_DIR=", "DATA_DIR="))]
+    script = set_vars("\n".join([*variables, *recipe.splitlines()[:2], sim]), ROUNDS="2", MODEL_DIR=str(tiny_roberta))
+    script = script.replace("--workspace /tmp/nvflare/simulation", f"--workspace {workspace}")
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = run(script, root, home, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    run_dir = workspace / "fedbpt" / "server" / "simulate_job"
+    assert f"outputs: {run_dir} (metrics.jsonl" in proc.stdout  # job.py says where the outputs are
+    with np.load(template_dir / "fedbpt_state.npz") as template, np.load(run_dir / "fedbpt_state.npz") as recipe_state:
+        difference = np.abs(recipe_state["mean"] - template["mean"]).max()
+        print(f"recipe vs template: global mean max |difference| {difference:.3g} after 2 rounds")
+        assert int(recipe_state["round"]) == int(template["round"]) == 2
+        assert difference <= 1e-6
+        assert float(recipe_state["sigma"]) == pytest.approx(float(template["sigma"]), rel=1e-6)
+    rows = [metrics_rows(template_dir), metrics_rows(run_dir)]
+    assert [r["dev_acc"] for r in rows[1]] == pytest.approx([r["dev_acc"] for r in rows[0]])
+    assert [r["sites"] for r in rows[1]] == [["site-1", "site-2"]] * 2
+    assert list((run_dir / "tb_events").glob("site-1/events.out.tfevents.*")), "no TensorBoard events"
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def projection_of(prompt) -> np.ndarray:
