@@ -127,7 +127,8 @@ def test_recipe_in_simenv_reaches_the_template_flows_global_mean(cpu_run, tiny_r
     sim = next(line for line in recipe.splitlines() if line.startswith("python job.py --env sim "))
     assert sim.count("--workspace /tmp/nvflare/simulation") == 1
     variables = [line for line in quickstart.splitlines() if line.startswith(("MODEL_DIR=", "DATA_DIR="))]
-    script = set_vars("\n".join([*variables, *recipe.splitlines()[:2], sim]), ROUNDS="2", MODEL_DIR=str(tiny_roberta))
+    head = [*variables, *recipe.splitlines()[:2]]  # MODEL_DIR, DATA_DIR, ROUNDS and SITE_FLAGS
+    script = set_vars("\n".join([*head, sim]), ROUNDS="2", MODEL_DIR=str(tiny_roberta))
     script = script.replace("--workspace /tmp/nvflare/simulation", f"--workspace {workspace}")
     home = tmp_path / "home"
     home.mkdir()
@@ -146,6 +147,16 @@ def test_recipe_in_simenv_reaches_the_template_flows_global_mean(cpu_run, tiny_r
     assert [r["dev_acc"] for r in rows[1]] == pytest.approx([r["dev_acc"] for r in rows[0]])
     assert [r["sites"] for r in rows[1]] == [["site-1", "site-2"]] * 2
     assert list((run_dir / "tb_events").glob("site-1/events.out.tfevents.*")), "no TensorBoard events"
+
+    # the README's --export line writes the same job as a folder, with the same site command
+    export = readme_block("recipe-export").strip()
+    script = set_vars("\n".join([*head, export]), ROUNDS="2", MODEL_DIR=str(tiny_roberta))
+    proc = run(script, root, home, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = json.loads((root / "jobs" / "fedbpt_recipe" / "app" / "config" / "config_fed_client.json").read_text())
+    command = client["executors"][0]["executor"]["args"]["command"]
+    assert command[3:] == shlex.split(site_flags.replace("${MODEL_DIR}", str(tiny_roberta)).replace(
+        "${DATA_DIR}", str((root / "data" / "sst2").resolve())))  # fmt: skip
 
 
 def metrics_rows(run_dir: Path) -> list[dict]:
