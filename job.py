@@ -34,6 +34,7 @@ from fedbpt.search import COVARIANCES, MAX_STEP, STEP_RULES  # noqa: E402
 DEFAULT_INTRINSIC_DIM = 500  # the template's, and the paper's
 DEFAULT_N_CLIENTS = 2
 DEFAULT_WORKSPACE = "/tmp/nvflare/simulation"  # SimEnv's own default root; the run goes in <root>/<name>
+DEFAULT_EXPORT_DIR = "./fl_job"  # NVFlare's (nvflare.recipe.spec.DEFAULT_EXPORT_DIR)
 ENVS = ("sim", "poc", "prod")
 TRACKING = ("tensorboard", "mlflow", "wandb")  # FedBPTRecipe's (not imported before the flags are parsed)
 OUTPUTS = "metrics.jsonl, summary.json, best_prompt.npz, final_prompt.npz, fedbpt_state.npz, tb_events/"
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tracking", choices=TRACKING, default="tensorboard",
                      help="where the server writes the scalars (the package must be installed)")  # fmt: skip
     run.add_argument("--export", action="store_true", help="write the job folder instead of running it (NVFlare's)")
-    run.add_argument("--export-dir", default="./fl_job", help="with --export: where the job folder goes (NVFlare's)")
+    run.add_argument("--export-dir", help="with --export: where the job folder goes (NVFlare's; default ./fl_job)")
     run.add_argument("--export_dir", dest="old_export_dir", help=argparse.SUPPRESS)  # the old flag: say what is new
 
     server = parser.add_argument_group("server keys (as in config_fed_server.conf)")
@@ -151,8 +152,10 @@ def main() -> None:
     site_argv = argv[split + 1 :]
     if args.old_export_dir is not None:
         parser.error("--export_dir is now NVFlare's own --export --export-dir DIR")
-    if args.n_clients is not None and args.n_clients < 1:
-        parser.error(f"--n_clients must be >= 1, got {args.n_clients}")
+    if args.export_dir is not None and not args.export:
+        parser.error("--export-dir needs --export (without it the job runs and nothing is written there)")
+    args.export_dir = args.export_dir or DEFAULT_EXPORT_DIR
+    check_numbers(args, parser)
     try:
         parse_args(site_argv)  # fail here, naming the flag, rather than in every site process
         args.n_clients, site_argv = resolve_sites(args.n_clients, site_argv)
@@ -185,14 +188,28 @@ def main() -> None:
     except ValueError as e:
         parser.error(f"--tracking {args.tracking}: {e}" if args.tracking in str(e) else str(e))
     env = make_env(args, parser)
-    if args.export:
-        print(f"exporting the job to {os.path.join(args.export_dir, args.name)}")
+    if args.export:  # what recipe.execute(env) does with NVFlare's --export, from the flags parsed here
+        recipe.export(args.export_dir, env=env)
+        print(f"wrote {os.path.join(args.export_dir, args.name)}")
+        return
     try:
-        run = recipe.execute(env)  # with --export: writes the job folder and exits 0
+        run = recipe.run(env)
     except RuntimeError as e:
         sys.exit(f"job.py: the job failed: {e}")
     result = run.get_result(clean_up=False)  # keep the POC workspace: the download lies inside it
     report(args, run.get_job_id(), run.get_status(), result, env)
+
+
+def check_numbers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Server flags that cannot work stop here, naming the flag (not later, in the server's log)."""
+    for name, low in (("n_clients", 1), ("min_clients", 1), ("num_rounds", 1), ("patience", 0),
+                      ("wait_time_after_min_received", 0)):  # fmt: skip
+        value = getattr(args, name)
+        if value is not None and value < low:
+            parser.error(f"--{name} must be >= {low}, got {value}")
+    for name in ("sigma", "max_step"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
 
 
 def report(args: argparse.Namespace, job_id: str, status: str | None, result: str | None, env) -> None:
@@ -200,7 +217,7 @@ def report(args: argparse.Namespace, job_id: str, status: str | None, result: st
     if result is None:
         sys.exit(f"job.py: job {job_id} ended without a result (status {status})")
     run_dir = Path(result) / ("server/simulate_job" if args.env == "sim" else "workspace")
-    if status is not None and status != "FINISHED:COMPLETED" or not (run_dir / "summary.json").is_file():
+    if (status is not None and status != "FINISHED:COMPLETED") or not (run_dir / "summary.json").is_file():
         sys.exit(f"job.py: job {job_id} did not complete (status {status}); its logs are under {result}")
     print(f"job {job_id} finished ({status or 'simulator'})")
     print(f"outputs: {run_dir} ({OUTPUTS})")

@@ -209,6 +209,10 @@ def test_job_py_rejects_bad_flags_naming_them(tmp_path):
     assert proc.returncode == 2 and "--export_dir is now NVFlare's own --export --export-dir DIR" in proc.stderr
     proc = job_py("--env", "prod", "--", "--num_users", "1")
     assert proc.returncode == 2 and "--env prod needs --startup_kit DIR" in proc.stderr
+    proc = job_py("--num_rounds", "0")
+    assert proc.returncode == 2 and "--num_rounds must be >= 1, got 0" in proc.stderr
+    proc = job_py("--export-dir", str(tmp_path))
+    assert proc.returncode == 2 and "--export-dir needs --export" in proc.stderr
     assert list(tmp_path.iterdir()) == []
 
 
