@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -103,6 +104,43 @@ def test_readme_cpu_variant_runs_in_the_simulator(cpu_run, tmp_path):
         np.testing.assert_array_equal(seen[-1][2].mean, alone["mean"])
         assert float(alone["sigma"]) == pytest.approx(float(state["sigma"]), rel=1e-6)
     assert [r["dev_acc"] for r in rows] == pytest.approx([r["dev_acc"] for r in nvflare_rows])
+
+
+STAND_INS = {"mlflow": ("mlflow", "mlflow.entities", "mlflow.tracking", "mlflow.tracking.client"), "wandb": ("wandb",)}
+RECEIVERS = {"mlflow": "MLflowReceiver", "wandb": "WandBReceiver"}
+
+
+@pytest.mark.parametrize("tracking", ["mlflow", "wandb"])
+def test_tracking_receivers_take_the_recipes_arguments(tracking, tmp_path, monkeypatch):
+    """NVFlare's own MLflow and W&B receivers, built by add_experiment_tracking with the recipe's arguments,
+    listen to the template's events. Where the package is not installed, stand-in modules let the real
+    receiver class be imported and built (what it then does with the package is not run here)."""
+    import types
+
+    from fedbpt.nvflare_recipe import TRACKING_EVENTS, FedBPTRecipe
+
+    receiver_module = f"nvflare.app_opt.tracking.{tracking}.{tracking}_receiver"
+    if importlib.util.find_spec(tracking) is None:
+        for name in STAND_INS[tracking]:
+            module = types.ModuleType(name)
+            module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+            for attr in ("Metric", "Param", "RunTag", "MlflowClient"):
+                setattr(module, attr, object)
+            monkeypatch.setitem(sys.modules, name, module)
+        monkeypatch.delitem(sys.modules, receiver_module, raising=False)
+    try:
+        FedBPTRecipe(name="tracked", site_args="--task_name sst2", tracking=tracking).export(str(tmp_path))
+    finally:
+        if importlib.util.find_spec(tracking) is None:
+            sys.modules.pop(receiver_module, None)  # it was imported against the stand-ins
+    server = json.loads((tmp_path / "tracked" / "app" / "config" / "config_fed_server.json").read_text())
+    receiver = next(c for c in server["components"] if c["id"] == "receiver")
+    assert receiver["path"] == f"{receiver_module}.{RECEIVERS[tracking]}"
+    assert receiver["args"]["events"] == TRACKING_EVENTS
+    if tracking == "wandb":
+        assert receiver["args"]["wandb_args"] == {"project": "tracked", "name": "tracked"}
+    else:
+        assert receiver["args"]["kw_args"]["experiment_name"] == "tracked-experiment"
 
 
 def server_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
