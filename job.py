@@ -74,10 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--wait_time_after_min_received", type=int, default=0,
                         help="seconds to wait for more results after min_clients arrived")  # fmt: skip
     server.add_argument("--resume_from", default="", help="a fedbpt_state.npz to start from (read by the server)")
-    server.add_argument("--clip_norm", type=float, default=0.0,
-                        help="sites clip their update (local mean - received mean) to this norm (0: off)")  # fmt: skip
-    server.add_argument("--noise_multiplier", type=float, default=0.0,
-                        help="sites add N(0, (this x clip_norm)^2) to each coordinate of their update")  # fmt: skip
+    privacy = parser.add_argument_group("privacy for uploads (the keys of config_fed_client.conf's filters)")
+    privacy.add_argument("--clip_norm", type=float, default=0.0,
+                         help="sites clip their update (local mean - received mean) to this norm (0: off)")  # fmt: skip
+    privacy.add_argument("--noise_multiplier", type=float, default=0.0,
+                         help="sites add N(0, (this x clip_norm)^2) to each coordinate of their update")  # fmt: skip
     return parser
 
 
