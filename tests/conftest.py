@@ -124,11 +124,12 @@ def minilm_dir() -> Path:
 # --- the README's shell blocks ---------------------------------------------------------------------------
 
 
-def readme_block(name: str) -> str:
-    """The shell block that follows ``<!-- name -->`` in the README."""
-    text = (REPO / "README.md").read_text()
+def readme_block(name: str, page: str = "README.md") -> str:
+    """The shell block that follows ``<!-- name -->`` in the README (or in another page, such as
+    ``docs/deployment.md``)."""
+    text = (REPO / page).read_text()
     match = re.search(rf"<!-- {name} -->\s*```(?:bash|sh)?\n(.*?)```", text, re.S)
-    assert match, f"README.md has no block marked <!-- {name} -->"
+    assert match, f"{page} has no block marked <!-- {name} -->"
     return match.group(1)
 
 
@@ -141,11 +142,12 @@ def set_vars(block: str, **values: str) -> str:
 
 
 def sandbox(tmp_path: Path) -> Path:
-    """A copy of what the commands read (templates, sources, data), so that they can write ./jobs freely."""
+    """A copy of what the commands read (templates, job.py, sources, data), so that they can write ./jobs freely."""
     root = tmp_path / "repo"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for part in ("job_templates", "src", "data"):
         shutil.copytree(REPO / part, root / part, ignore=ignore)
+    shutil.copy(REPO / "job.py", root)
     (root / "jobs").mkdir()
     return root
 

@@ -1,4 +1,4 @@
-"""The job on real NVFlare systems, as the README's "POC mode and production" section runs it: NVFlare's POC
+"""The job on real NVFlare systems, as docs/deployment.md runs it: NVFlare's POC
 mode and a deployment provisioned from the repository's project.yml, each on a free loopback port, with
 the job submitted, awaited and downloaded through the admin CLI. Each test stops exactly the processes
 it started (by process id) and removes what they wrote, also when an assertion fails."""
@@ -9,6 +9,8 @@ import ipaddress
 import json
 import re
 import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +26,11 @@ OUTPUTS = ("metrics.jsonl", "summary.json", "best_prompt.npz")
 SERVICE = re.compile(r"nvflare\.private\.fed\.app\.(server|client)\.(server|client)_train")
 
 
-def build_job(block: str, tmp_path: Path, home: Path, **values: str) -> Path:
-    """Run a README block that writes a job folder (minus any simulator line) in a sandbox copy; returns
+def build_job(block: str, tmp_path: Path, home: Path, page: str = "README.md", **values: str) -> Path:
+    """Run a block of a page that writes a job folder (minus any simulator line) in a sandbox copy; returns
     the sandbox root."""
     root = sandbox(tmp_path)
-    script = set_vars(readme_block(block), **values)
+    script = set_vars(readme_block(block, page), **values)
     script = "\n".join(line for line in script.splitlines() if not line.startswith("nvflare simulator"))
     proc = run(script, root, home, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -101,6 +103,66 @@ def test_poc_runs_the_cpu_job(tmp_path, tiny_roberta):
     assert not poc.exists()
 
 
+def recipe_script(block: str, page: str, line: str, **values: str) -> str:
+    """A block's variable lines (NAME=...) and its one line that starts with ``line``, values set."""
+    lines = set_vars(readme_block(block, page), **values).splitlines()
+    chosen = [x for x in lines if x.startswith(line)]
+    assert len(chosen) == 1, f"{page} <!-- {block} --> has {len(chosen)} lines starting {line!r}"
+    return "\n".join([*(x for x in lines if re.match(r"^[A-Z_]+=", x)), chosen[0]])
+
+
+def printed_outputs(stdout: str) -> Path:
+    """The run directory that job.py printed."""
+    match = re.search(r"^outputs: (\S+) \(", stdout, re.M)
+    assert match, f"job.py did not say where the outputs are:\n{stdout[-3000:]}"
+    return Path(match.group(1))
+
+
+def test_recipe_runs_on_poc(tmp_path, tiny_roberta):
+    """The README's `python job.py --env poc` line: PocEnv provisions, starts, runs 2 rounds, downloads and
+    stops the POC system by itself. With --poc_project: a project whose server is localhost on a free port
+    (loopback only), sites site-1 and site-2, and the repository's project admin."""
+    system = System(tmp_path / "system")
+    poc = tmp_path / "poc"
+    system.env["NVFLARE_POC_WORKSPACE"] = str(poc)
+    try:
+        project = yaml.safe_load((REPO / "project.yml").read_text())
+        server = next(p for p in project["participants"] if p["type"] == "server")
+        server["fed_learn_port"] = free_port()
+        project["participants"] = [server, *({"name": f"site-{i}", "type": "client", "org": "sites"} for i in (1, 2)),
+                                   *(p for p in project["participants"] if p["type"] == "admin")]  # fmt: skip
+        (tmp_path / "poc_project.yml").write_text(yaml.safe_dump(project))
+        root = sandbox(tmp_path)
+        quickstart = [x for x in readme_block("cpu-run").splitlines() if x.startswith(("MODEL_DIR=", "DATA_DIR="))]
+        script = recipe_script("recipe-run", "README.md", "python job.py --env poc ", ROUNDS="2")
+        script = set_vars("\n".join([*quickstart, script]), MODEL_DIR=str(tiny_roberta))
+        script = script.replace(" -- ", f" --poc_project {tmp_path / 'poc_project.yml'} -- ", 1)
+
+        proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], cwd=root, env=system.env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        addresses, services = set(), set()
+        while proc.poll() is None:  # while job.py runs the system: where do its processes listen?
+            pids = system.pids()
+            services |= {pid for pid in pids if SERVICE.search(command_of(pid))}
+            addresses |= listening_addresses(pids)
+            time.sleep(2)
+        stdout = proc.stdout.read()
+        assert proc.returncode == 0, stdout[-5000:]
+        assert services and addresses, "no NVFlare service seen while job.py ran"
+        for address in addresses:
+            assert ipaddress.ip_address(address.rsplit(":", 1)[0]).is_loopback, f"a POC process listens on {address}"
+
+        print(stdout[-1000:])
+        check_outputs(printed_outputs(stdout), ["site-1", "site-2"], rounds=2)
+        assert system.wait_gone(sorted(services), 60) == [], "job.py left POC services running"
+        assert f"its workspace {poc} is kept" in stdout
+        system.kill_all()  # what the start scripts' watchdogs left, by process id
+        assert system.pids() == []
+    finally:
+        system.close(poc)
+    assert not poc.exists()
+
+
 def test_production_kits_run_the_job_on_site_local_data(tmp_path, tiny_roberta):
     system = System(tmp_path / "system")
     prov = tmp_path / "prov"
@@ -129,8 +191,8 @@ def test_production_kits_run_the_job_on_site_local_data(tmp_path, tiny_roberta):
             (data / site / "train.tsv").write_text(header + "".join(rows[i::2]))
         shutil.copy(REPO_SST2 / "dev.tsv", data / "hospital-a")
 
-        root = build_job("prod-job", tmp_path, system.home, ROUNDS="2", MODEL_DIR=str(tiny_roberta),
-                         SITE_DATA=str(data))  # fmt: skip
+        root = build_job("prod-job", tmp_path, system.home, "docs/deployment.md", ROUNDS="2",
+                         MODEL_DIR=str(tiny_roberta), SITE_DATA=str(data))  # fmt: skip
         for name in ("localhost", *sites):
             system.start([str(kits / name / "startup" / "start.sh")], tmp_path / f"{name}.log")
         kit = ("--startup-kit", str(kits / admin))
@@ -154,6 +216,30 @@ def test_production_kits_run_the_job_on_site_local_data(tmp_path, tiny_roberta):
         dev_loss = {site: dev_losses(run_dir / "tb_events" / site) for site in sites}
         assert sorted(dev_loss["hospital-a"]) == sorted(dev_loss["hospital-b"]) == [0, 1]
         assert abs(dev_loss["hospital-a"][0] - dev_loss["hospital-b"][0]) > 1e-4, dev_loss
+
+        # the recipe on the same system, as docs/deployment.md runs it: its exported folder through
+        # `nvflare job submit`, then `job.py --env prod` (ProdEnv); both reach the template job's global mean
+        values = {"ROUNDS": "2", "MODEL_DIR": str(tiny_roberta), "SITE_DATA": str(data), "KITS": str(kits)}
+        block = readme_block("prod-recipe", "docs/deployment.md")
+        assert f"nvflare job submit -j ./jobs/fedbpt_prod_recipe --startup-kit ${{KITS}}/{admin}" in block
+        prefix = "".join(f"{name}={value}\n" for name, value in values.items())
+        export = recipe_script("prod-recipe", "docs/deployment.md", "python job.py --name fedbpt_prod_recipe ")
+        proc = run(prefix + export, root, system.home, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        _, recipe_dir = submit_and_download(system, root / "jobs" / "fedbpt_prod_recipe", tmp_path / "results", *kit)
+        check_outputs(recipe_dir, sites, rounds=2)
+
+        prod = recipe_script("prod-recipe", "docs/deployment.md", "python job.py --env prod ")
+        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", prefix + prod], cwd=root, env=system.env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        print(proc.stdout[-1000:])
+        prod_env_dir = printed_outputs(proc.stdout)
+        check_outputs(prod_env_dir, sites, rounds=2)
+        with np.load(run_dir / "fedbpt_state.npz") as template:
+            for other in (recipe_dir, prod_env_dir):
+                with np.load(other / "fedbpt_state.npz") as state:
+                    np.testing.assert_allclose(state["mean"], template["mean"], rtol=0, atol=1e-6)
 
         stop_services(system, ("system", "shutdown", "all", "--force", *kit))
     finally:

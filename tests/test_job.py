@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import filecmp
+import importlib.machinery
+import importlib.util
 import json
 import os
 import re
@@ -48,7 +50,11 @@ def differences(a: Path, b: Path) -> list[str]:
     return out
 
 
-def test_readme_cpu_variant_runs_in_the_simulator(tmp_path, tiny_roberta):
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory, tiny_roberta) -> tuple[Path, Path]:
+    """The README's CPU quickstart, 2 sites and 2 rounds on the tiny model, through the template commands
+    and NVFlare's simulator: the sandbox root and the server's run directory."""
+    tmp_path = tmp_path_factory.mktemp("cpu-run")
     root = sandbox(tmp_path)
     home = tmp_path / "home"
     home.mkdir()
@@ -57,8 +63,11 @@ def test_readme_cpu_variant_runs_in_the_simulator(tmp_path, tiny_roberta):
                       WORKSPACE=str(workspace))  # fmt: skip
     proc = run(script, root, home, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return root, workspace / "server" / "simulate_job"
 
-    run_dir = workspace / "server" / "simulate_job"
+
+def test_readme_cpu_variant_runs_in_the_simulator(cpu_run, tmp_path):
+    root, run_dir = cpu_run
     nvflare_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in nvflare_rows] == [0, 1]
     for row in nvflare_rows:
@@ -97,6 +106,43 @@ def test_readme_cpu_variant_runs_in_the_simulator(tmp_path, tiny_roberta):
     assert [r["dev_acc"] for r in rows] == pytest.approx([r["dev_acc"] for r in nvflare_rows])
 
 
+STAND_INS = {"mlflow": ("mlflow", "mlflow.entities", "mlflow.tracking", "mlflow.tracking.client"), "wandb": ("wandb",)}
+RECEIVERS = {"mlflow": "MLflowReceiver", "wandb": "WandBReceiver"}
+
+
+@pytest.mark.parametrize("tracking", ["mlflow", "wandb"])
+def test_tracking_receivers_take_the_recipes_arguments(tracking, tmp_path, monkeypatch):
+    """NVFlare's own MLflow and W&B receivers, built by add_experiment_tracking with the recipe's arguments,
+    listen to the template's events. Where the package is not installed, stand-in modules let the real
+    receiver class be imported and built (what it then does with the package is not run here)."""
+    import types
+
+    from fedbpt.nvflare_recipe import TRACKING_EVENTS, FedBPTRecipe
+
+    receiver_module = f"nvflare.app_opt.tracking.{tracking}.{tracking}_receiver"
+    if importlib.util.find_spec(tracking) is None:
+        for name in STAND_INS[tracking]:
+            module = types.ModuleType(name)
+            module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+            for attr in ("Metric", "Param", "RunTag", "MlflowClient"):
+                setattr(module, attr, object)
+            monkeypatch.setitem(sys.modules, name, module)
+        monkeypatch.delitem(sys.modules, receiver_module, raising=False)
+    try:
+        FedBPTRecipe(name="tracked", site_args="--task_name sst2", tracking=tracking).export(str(tmp_path))
+    finally:
+        if importlib.util.find_spec(tracking) is None:
+            sys.modules.pop(receiver_module, None)  # it was imported against the stand-ins
+    server = json.loads((tmp_path / "tracked" / "app" / "config" / "config_fed_server.json").read_text())
+    receiver = next(c for c in server["components"] if c["id"] == "receiver")
+    assert receiver["path"] == f"{receiver_module}.{RECEIVERS[tracking]}"
+    assert receiver["args"]["events"] == TRACKING_EVENTS
+    if tracking == "wandb":
+        assert receiver["args"]["wandb_args"] == {"project": "tracked", "name": "tracked"}
+    else:
+        assert receiver["args"]["kw_args"]["experiment_name"] == "tracked-experiment"
+
+
 def server_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     """The (step, value) points of every scalar the server wrote to TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -106,6 +152,55 @@ def server_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(p.step, p.value) for p in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+def test_recipe_in_simenv_reaches_the_template_flows_global_mean(cpu_run, tiny_roberta, tmp_path):
+    """The README's `python job.py --env sim` line, with the quickstart's site flags and seed: the recipe
+    (FedBPTRecipe in SimEnv) reaches the template flow's global mean, sigma and dev accuracies."""
+    root, template_dir = cpu_run
+    quickstart, recipe = readme_block("cpu-run"), readme_block("recipe-run")
+    app_config = re.search(r'app_config="([^"]*)"', quickstart).group(1)
+    site_flags = re.search(r'^SITE_FLAGS="([^"]*)"$', recipe, re.M).group(1)
+    assert site_flags == app_config.replace("${SEED}", "1234").replace("${N_CLIENTS}", "2")  # the same flags
+
+    workspace = tmp_path / "simulation"
+    sim = next(line for line in recipe.splitlines() if line.startswith("python job.py --env sim "))
+    assert sim.count("--workspace /tmp/nvflare/simulation") == 1
+    variables = [line for line in quickstart.splitlines() if line.startswith(("MODEL_DIR=", "DATA_DIR="))]
+    head = [*variables, *recipe.splitlines()[:2]]  # MODEL_DIR, DATA_DIR, ROUNDS and SITE_FLAGS
+    script = set_vars("\n".join([*head, sim]), ROUNDS="2", MODEL_DIR=str(tiny_roberta))
+    script = script.replace("--workspace /tmp/nvflare/simulation", f"--workspace {workspace}")
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = run(script, root, home, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    run_dir = workspace / "fedbpt" / "server" / "simulate_job"
+    assert f"outputs: {run_dir} (metrics.jsonl" in proc.stdout  # job.py says where the outputs are
+    with np.load(template_dir / "fedbpt_state.npz") as template, np.load(run_dir / "fedbpt_state.npz") as recipe_state:
+        difference = np.abs(recipe_state["mean"] - template["mean"]).max()
+        print(f"recipe vs template: global mean max |difference| {difference:.3g} after 2 rounds")
+        assert int(recipe_state["round"]) == int(template["round"]) == 2
+        assert difference <= 1e-6
+        assert float(recipe_state["sigma"]) == pytest.approx(float(template["sigma"]), rel=1e-6)
+    rows = [metrics_rows(template_dir), metrics_rows(run_dir)]
+    assert [r["dev_acc"] for r in rows[1]] == pytest.approx([r["dev_acc"] for r in rows[0]])
+    assert [r["sites"] for r in rows[1]] == [["site-1", "site-2"]] * 2
+    assert list((run_dir / "tb_events").glob("site-1/events.out.tfevents.*")), "no TensorBoard events"
+
+    # the README's --export line writes the same job as a folder, with the same site command
+    export = readme_block("recipe-export").strip()
+    script = set_vars("\n".join([*head, export]), ROUNDS="2", MODEL_DIR=str(tiny_roberta))
+    proc = run(script, root, home, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = json.loads((root / "jobs" / "fedbpt_recipe" / "app" / "config" / "config_fed_client.json").read_text())
+    command = client["executors"][0]["executor"]["args"]["command"]
+    assert command[3:] == shlex.split(site_flags.replace("${MODEL_DIR}", str(tiny_roberta)).replace(
+        "${DATA_DIR}", str((root / "data" / "sst2").resolve())))  # fmt: skip
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def projection_of(prompt) -> np.ndarray:
     from fedbpt.search import projection
 
@@ -113,15 +208,19 @@ def projection_of(prompt) -> np.ndarray:
     return projection(int(prompt["seed"]), prompt["z"].shape[0], size, float(prompt["projection_scale"]))
 
 
-def test_job_api_twin_exports_the_same_components(tmp_path):
-    """job.py (NVFlare's Job API) builds the job the template builds: same workflow and components."""
+def job_py(*args: str, cwd: Path = REPO, timeout: int = 120) -> subprocess.CompletedProcess:
+    """``python job.py ARGS`` as a user runs it."""
+    return subprocess.run([sys.executable, str(REPO / "job.py"), *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})  # fmt: skip
+
+
+def test_recipe_exports_the_template_components(tmp_path):
+    """job.py's FedBPTRecipe builds the job the template builds: same workflow and components; NVFlare's
+    own --export --export-dir write it."""
     out = tmp_path / "export"
     site_flags = "--task_name sst2 --intrinsic_dim 64 --seed 7 --device cpu --num_users 3"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "job.py"), "--export_dir", str(out), "--n_clients", "3", "--num_rounds", "4",
-         "--patience", "2", "--step_rule", "example", "--", *shlex.split(site_flags)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-    )  # fmt: skip
+    proc = job_py("--export", "--export-dir", str(out), "--n_clients", "3", "--num_rounds", "4", "--patience", "2",
+                  "--step_rule", "example", "--", *shlex.split(site_flags))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     app = out / "fedbpt" / "app"
     server = json.loads((app / "config" / "config_fed_server.json").read_text())
@@ -141,7 +240,61 @@ def test_job_api_twin_exports_the_same_components(tmp_path):
     assert (app / "custom" / "fedbpt" / "nvflare_components.py").exists()
 
 
-def test_job_api_twin_rejects_bad_site_flags(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "job.py"), "--export_dir", str(tmp_path), "--", "--k_shot", "0"],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+def test_job_py_rejects_bad_flags_naming_them(tmp_path):
+    proc = job_py("--export", "--export-dir", str(tmp_path), "--", "--k_shot", "0")
     assert proc.returncode != 0 and "--k_shot must be >= 1" in proc.stderr
+    proc = job_py("--export_dir", str(tmp_path))  # the flag before the recipe: says what replaced it
+    assert proc.returncode == 2 and "--export_dir is now NVFlare's own --export --export-dir DIR" in proc.stderr
+    proc = job_py("--env", "prod", "--", "--num_users", "1")
+    assert proc.returncode == 2 and "--env prod needs --startup_kit DIR" in proc.stderr
+    proc = job_py("--num_rounds", "0")
+    assert proc.returncode == 2 and "--num_rounds must be >= 1, got 0" in proc.stderr
+    proc = job_py("--export-dir", str(tmp_path))
+    assert proc.returncode == 2 and "--export-dir needs --export" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_job_py_keeps_n_clients_and_num_users_consistent(tmp_path):
+    """Two sites of a --num_users 10 split would train on 20% of the pool: job.py makes the two agree, or
+    stops naming both."""
+    spec = importlib.util.spec_from_file_location("fedbpt_job", REPO / "job.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    resolve_sites = job.resolve_sites
+    flags = ["--task_name", "sst2"]
+    assert resolve_sites(None, flags) == (2, [*flags, "--num_users", "2"])  # the sites' own default would be 10
+    assert resolve_sites(3, flags) == (3, [*flags, "--num_users", "3"])
+    assert resolve_sites(None, [*flags, "--num_users", "4"]) == (4, [*flags, "--num_users", "4"])
+    assert resolve_sites(None, [*flags, "--num_users=4"])[0] == 4
+    assert resolve_sites(5, [*flags, "--num_users", "1"]) == (5, [*flags, "--num_users", "1"])  # site-local data
+    with pytest.raises(ValueError, match="--n_clients 3 differs from the sites' --num_users 4"):
+        resolve_sites(3, [*flags, "--num_users", "4"])
+
+    proc = job_py("--export", "--export-dir", str(tmp_path), "--n_clients", "2", "--", "--num_users", "10")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last == (
+        "job.py: error: --n_clients 2 differs from the sites' --num_users 10: the sites would train on 2 of 10 "
+        "shards (20% of the pool); give both the same value (or --num_users 1: each site uses all of its own "
+        "--data_dir)"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+    proc = job_py("--export", "--export-dir", str(tmp_path), "--", "--num_users", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = tmp_path / "fedbpt" / "app" / "config"
+    workflow = json.loads((config / "config_fed_server.json").read_text())["workflows"][0]
+    assert workflow["args"]["min_clients"] == 3 and json.loads((tmp_path / "fedbpt" / "meta.json").read_text())[
+        "min_clients"] == 3  # fmt: skip
+
+
+def test_tracking_without_its_package_is_a_one_line_error(tmp_path):
+    missing = [name for name in ("mlflow", "wandb") if importlib.util.find_spec(name) is None]
+    if not missing:
+        pytest.skip("mlflow and wandb are both installed")
+    proc = job_py("--tracking", missing[0], "--export", "--export-dir", str(tmp_path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"job.py: error: --tracking {missing[0]}: {missing[0]} is not installed. Please install it using "
+        f"`pip install {missing[0]}`"
+    )
+    assert list(tmp_path.iterdir()) == []

@@ -135,8 +135,9 @@ def test_the_standalone_loop_applies_the_same_rule(tiny_roberta, sst2_dir, tmp_p
 def test_job_py_adds_the_filters_only_when_asked(tmp_path):
     site_flags = ["--task_name", "sst2", "--intrinsic_dim", "64", "--device", "cpu", "--num_users", "2"]
     for name, extra in (("private", ["--clip_norm", "2.5", "--noise_multiplier", "0.1"]), ("plain", [])):
-        proc = subprocess.run([sys.executable, str(REPO / "job.py"), "--name", name, "--export_dir", str(tmp_path),
-                               *extra, "--", *site_flags], capture_output=True, text=True, timeout=120)  # fmt: skip
+        proc = subprocess.run([sys.executable, str(REPO / "job.py"), "--name", name, "--export", "--export-dir",
+                               str(tmp_path), *extra, "--", *site_flags], capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-2000:]
     private = json.loads((tmp_path / "private" / "app" / "config" / "config_fed_client.json").read_text())
     [data_chain], [result_chain] = private["task_data_filters"], private["task_result_filters"]
@@ -146,8 +147,9 @@ def test_job_py_adds_the_filters_only_when_asked(tmp_path):
     assert data_chain["tasks"] == result_chain["tasks"] == ["train"]
     plain = json.loads((tmp_path / "plain" / "app" / "config" / "config_fed_client.json").read_text())
     assert not plain.get("task_data_filters") and not plain.get("task_result_filters")
-    proc = subprocess.run([sys.executable, str(REPO / "job.py"), "--export_dir", str(tmp_path), "--noise_multiplier",
-                           "0.1", "--", *site_flags], capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run([sys.executable, str(REPO / "job.py"), "--export", "--export-dir", str(tmp_path),
+                           "--noise_multiplier", "0.1", "--", *site_flags], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
     assert proc.returncode == 2 and "--noise_multiplier > 0 needs clip_norm > 0" in proc.stderr
 
 

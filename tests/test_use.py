@@ -1,4 +1,4 @@
-"""Using what a run learnt: fedbpt.predict, fedbpt.export with the README's snippet, fedbpt.plot."""
+"""Using what a run learnt: fedbpt.predict, fedbpt.export with the snippet of docs/using-the-prompt.md, fedbpt.plot."""
 
 from __future__ import annotations
 
@@ -211,19 +211,19 @@ def test_predict_runs_as_the_readme_shows(tiny_run):
 
 
 # ----------------------------------------------------------------------------------------------
-# fedbpt.export and the README's snippet
+# fedbpt.export and the snippet of docs/using-the-prompt.md
 
 
-def readme_python(name: str) -> str:
-    """The Python block that follows ``<!-- name -->`` in the README."""
-    match = re.search(rf"<!-- {name} -->\s*```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
-    assert match, f"README.md has no python block marked <!-- {name} -->"
+def readme_python(name: str, page: str = "docs/using-the-prompt.md") -> str:
+    """The Python block that follows ``<!-- name -->`` in a page of the documentation."""
+    match = re.search(rf"<!-- {name} -->\s*```python\n(.*?)```", (REPO / page).read_text(), re.S)
+    assert match, f"{page} has no python block marked <!-- {name} -->"
     return match.group(1)
 
 
 @pytest.mark.parametrize("which", ["minilm_prompt", "tiny_run", "causal_prompt"])
 def test_readme_snippet_predicts_what_fedbpt_predict_does(which, request, sst2_dir, tmp_path, monkeypatch, capsys):
-    """The exported prompt in plain transformers, through the README's own code, on 100 validation sentences."""
+    """The exported prompt in plain transformers, through the page's own code, on 100 validation sentences."""
     fixture = request.getfixturevalue(which)
     prompt = fixture / "best_prompt.npz" if fixture.is_dir() else fixture
     texts = [t for (t,) in load_file(get_task("sst2"), sst2_dir / "dev.tsv").texts[:100]]
@@ -237,7 +237,7 @@ def test_readme_snippet_predicts_what_fedbpt_predict_does(which, request, sst2_d
     code, out, _ = run_main(export, ["--prompt", prompt, "--out", "prompt.safetensors"], capsys)
     assert code == 0 and "wrote prompt.safetensors: soft_prompt (" in out
     namespace: dict = {}
-    exec(compile(readme_python("export-snippet"), "README.md (export-snippet)", "exec"), namespace)
+    exec(compile(readme_python("export-snippet"), "docs/using-the-prompt.md (export-snippet)", "exec"), namespace)
     snippet = namespace["predict"](texts).numpy()
     assert snippet.shape == (100, 2)
     assert [("bad", "great")[i] for i in snippet.argmax(1)] == words  # the same answer for all 100

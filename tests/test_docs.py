@@ -1,0 +1,47 @@
+"""The README stays a short front door, and every link between it and the docs/ pages lands somewhere."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from conftest import REPO
+
+PAGES = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))]
+README_MAX_LINES = 250
+
+
+def anchors(page: Path) -> set[str]:
+    """The heading anchors of a markdown page, as GitHub makes them (code blocks left out)."""
+    out, code = set(), False
+    for line in page.read_text().splitlines():
+        code ^= line.startswith("```")
+        if not code and (heading := re.match(r"#+ (.*)", line)):
+            out.add(re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-"))
+    return out
+
+
+def test_readme_is_a_front_door_of_at_most_250_lines():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES
+    expected = {"design.md", "deployment.md", "reliability.md", "using-the-prompt.md", "flags.md", "results.md",
+                "performance.md"}  # fmt: skip
+    assert {p.name for p in (REPO / "docs").glob("*.md")} == expected
+    linked = set(re.findall(r"\(docs/([\w-]+\.md)", "\n".join(lines)))
+    assert linked == expected, f"the README links no page for: {sorted(expected - linked)}"
+
+
+def test_every_link_between_the_pages_resolves():
+    broken = []
+    for name in PAGES:
+        page = REPO / name
+        for link in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"https?://", link):
+                continue
+            target, _, anchor = link.partition("#")
+            path = (page.parent / target).resolve() if target else page
+            if not path.exists():
+                broken.append(f"{name}: {link} (no such file)")
+            elif anchor and path.suffix == ".md" and anchor not in anchors(path):
+                broken.append(f"{name}: {link} (no such heading)")
+    assert broken == []
