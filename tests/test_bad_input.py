@@ -26,8 +26,8 @@ from fedbpt.search import init_state, save_state
         (lambda: parse_args(["--task_name", "sst3"]), "argument --task_name: invalid choice: 'sst3' (choose from "
          "'sst2', 'yelpp', 'agnews', 'dbpedia', 'mrpc', 'rte', 'snli')"),
         (lambda: parse_args(["--k_shot", "0"]), "--k_shot must be >= 1, got 0"),
-        (lambda: parse_args(["--k_shto", "4"]), "unrecognized arguments in app_config: --k_shto 4 (see the README's "
-         "flag table)"),
+        (lambda: parse_args(["--k_shto", "4"]), "unrecognized arguments in app_config: --k_shto 4 (see the flag table "
+         "in docs/flags.md)"),
         (lambda: parse_args(["--data_dir", "/no/such/dir"]), "--data_dir '/no/such/dir': no such directory"),
         (lambda: site_data_dir("/no/fedbpt/{site}", "hospital-a"), "--data_dir '/no/fedbpt/{site}' is "
          "'/no/fedbpt/hospital-a' for hospital-a: no such directory"),

@@ -153,7 +153,8 @@ def parse_args(argv: list[str] | None = None) -> ClientConfig:
     except argparse.ArgumentError as e:
         raise ValueError(str(e)) from None
     if unknown:
-        raise ValueError(f"unrecognized arguments in app_config: {' '.join(unknown)} (see the README's flag table)")
+        unknown_flags = " ".join(unknown)
+        raise ValueError(f"unrecognized arguments in app_config: {unknown_flags} (see the flag table in docs/flags.md)")
     cfg = ClientConfig(**vars(args))
     validate(cfg)
     return cfg

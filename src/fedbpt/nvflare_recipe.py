@@ -43,7 +43,7 @@ class FedBPTRecipe(Recipe):
         self,
         *,
         name: str = "fedbpt",
-        min_clients: int = 2,
+        min_clients: int = 0,
         num_rounds: int = 200,
         site_args: str | list[str] = "",
         intrinsic_dim: int = 500,
@@ -63,7 +63,7 @@ class FedBPTRecipe(Recipe):
             raise ValueError(f"tracking must be one of {TRACKING}, got {tracking!r}")
         self.min_clients, self.num_rounds = min_clients, num_rounds
         self.site_args = site_args if isinstance(site_args, str) else shlex.join(site_args)
-        job = FedJob(name=name, min_clients=min_clients)
+        job = FedJob(name=name, min_clients=max(1, min_clients))  # the job's meta wants >= 1; 0: see the workflow
         workflow = FedBPTScatterAndGather(
             patience=patience,
             min_clients=min_clients,

@@ -3,12 +3,16 @@
 It only moves messages: receive the global search distribution, let the site evaluate it and search
 locally from it, send the local result back. All model and search work lives in the fedbpt package.
 A site that cannot take part (a bad flag, missing data, settings that do not fit the server's state)
-answers every task with the reason instead of a result, so that the server's log and metrics say why.
+answers every task with the reason instead of a result, so that the server's log and metrics say why; a
+round that fails for any other reason is answered the same way, with the exception's type and place, and
+the site tries again in the next round.
 """
 
 from __future__ import annotations
 
 import logging
+import traceback
+from pathlib import Path
 
 import nvflare.client as flare
 from nvflare.client.tracking import SummaryWriter
@@ -21,16 +25,36 @@ TRACKED = ("dev_loss", "dev_acc", "test_loss", "test_acc", "local_fitness", "loc
 log = logging.getLogger("fedbpt")
 
 
+def describe(e: BaseException) -> str:
+    """An exception for the server's log and metrics: its message, its type and where it was raised."""
+    frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    place = f" at {'/'.join(Path(frame.filename).parts[-2:])}:{frame.lineno} in {frame.name}" if frame else ""
+    return f"{str(e).strip() or '(no message)'} ({type(e).__name__}{place})"
+
+
 def join(site: str, start: GlobalPrompt) -> tuple[FedBPTClient | None, str | None]:
     """The site, or why it cannot take part: its flags are checked against the server's first message
-    before the model loads, so that a mismatch is reported within seconds."""
+    before the model loads, so that a mismatch is reported within seconds. Any exception counts: a site
+    that cannot be built says so to the server instead of ending its process."""
     try:
         cfg = parse_args()
         check_server_state(cfg, start)
         return FedBPTClient(cfg, site), None
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        log.error("%s cannot take part: %s", site, e)
-        return None, f"{site} cannot take part: {e}"
+    except Exception as e:
+        log.exception("%s cannot take part", site)
+        return None, f"{site} cannot take part: {describe(e)}"
+
+
+def run_round(site: str, client: FedBPTClient, start: GlobalPrompt) -> tuple[tuple | None, str | None, bool]:
+    """(result and metrics, or why not, whether the site must stop). A prompt the site cannot score in its
+    dtype (``FloatingPointError``) stops it: every later round searches around that prompt. Any other
+    exception is reported for this round only; the site tries again in the next one."""
+    try:
+        return client.run_round(start), None, False
+    except Exception as e:
+        log.exception("%s failed in round %d", site, start.round)
+        fatal = isinstance(e, FloatingPointError)
+        return None, f"{site} {'cannot take part' if fatal else f'failed in round {start.round}'}: {describe(e)}", fatal
 
 
 def main() -> None:
@@ -47,15 +71,14 @@ def main() -> None:
         start = decode_down(received.params, received.meta)
         if client is None and error is None:
             client, error = join(site, start)
+        failure = error
         if error is None:
-            try:
-                result, metrics = client.run_round(start)
-            except FloatingPointError as e:  # float16 overflow: every later round would overflow again
-                error = f"{site} cannot take part: {e}"
-                log.error(error)
-        if error:
-            flare.send(flare.FLModel(params={}, meta={"error": error}))
+            done, failure, fatal = run_round(site, client, start)
+            error = failure if fatal else None
+        if failure:
+            flare.send(flare.FLModel(params={}, meta={"error": failure, "stopped": error is not None}))
             continue
+        result, metrics = done
         for key in TRACKED:
             if key in metrics:
                 writer.add_scalar(key, metrics[key], global_step=start.round)

@@ -105,7 +105,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     keeps 8 significant bits, and its fitness error (up to 0.003) reorders them: Spearman 0.915 on average
     against float32, 0.6 at worst, the same best candidate in 80% of 20 generations. float16's 11
     kept every ranking (1.000, benchmarks/precision.py). Both run at the same speed on tensor cores;
-    float16's narrower range is guarded in ``class_scores``."""
+    float16's narrower range is guarded in ``fitness`` and ``evaluate``."""
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose auto or one of {', '.join(DTYPES)}")
     if device.type == "cuda":
@@ -167,15 +167,28 @@ class BlackBox:
         config = AutoConfig.from_pretrained(path, **extra)
         self.kind = detect_kind(config, cfg.model_type)
         loader = {"mlm": AutoModelForMaskedLM, "causal": AutoModelForCausalLM, "encoder": AutoModel}[self.kind]
-        self.model = loader.from_pretrained(path, dtype=self.dtype, **extra).to(self.device).eval()
+        try:
+            model = loader.from_pretrained(path, dtype=self.dtype, **extra)
+        except ValueError as e:  # transformers: "Unrecognized configuration class ... for this kind of AutoModel"
+            if "Unrecognized configuration class" not in str(e):
+                raise
+            what = {"mlm": "masked-LM", "causal": "causal-LM", "encoder": "base model"}[self.kind]
+            raise ValueError(
+                f"--model_type {self.kind}: {cfg.model_name} ({getattr(config, 'model_type', '?')}) has no {what} "
+                f"class in transformers; give --model_type {' or '.join(k for k in MODEL_KINDS if k != self.kind)}"
+            ) from None
+        self.model = model.to(self.device).eval()
         self.model.requires_grad_(False)
+        self.body = self.model if self.kind == "encoder" else self.model.base_model
+        # causal LMs: the body's last hidden state at the answer position goes through the output embeddings.
+        # Masked LMs: every family builds its head its own way (lm_head, cls, predictions, DistilBERT's
+        # vocab_transform/vocab_layer_norm/vocab_projector, ELECTRA's generator_predictions/generator_lm_head,
+        # ModernBERT's head/decoder), so the model's own forward runs, with the body's output narrowed to the
+        # answer position (``_narrow``): its logits, computed for that one position only.
+        self.head = self.model.get_output_embeddings() if self.kind == "causal" else None
+        self._answer: torch.Tensor | None = None  # (B,) answer positions of a masked LM's forward
         if self.kind == "mlm":
-            self.body = self.model.base_model
-            self.head = getattr(self.model, "lm_head", None) or getattr(self.model, "cls", None)
-        elif self.kind == "causal":
-            self.body, self.head = self.model.base_model, self.model.get_output_embeddings()
-        else:
-            self.body, self.head = self.model, None
+            self.body.register_forward_hook(self._narrow)
 
         embedding = self.model.get_input_embeddings()
         self.hidden = embedding.weight.shape[1]
@@ -193,6 +206,7 @@ class BlackBox:
         self.overhead = FORWARD_OVERHEAD["cuda" if self.device.type == "cuda" else "cpu"]
         # (candidate, example) rows through the model: the cost of a search; and the tokens they took
         self.examples_scored = self.padded_tokens = self.attended_tokens = self.forwards = 0
+        self.nonfinite_candidates = 0  # candidates given the worst fitness of their generation (see fitness)
 
         self.encoder = Encoder(self.tokenizer, self.task, self.kind, cfg.n_prompt_tokens, self._max_length(config),
                                self.vocab_size, cfg.model_name)  # fmt: skip
@@ -201,10 +215,40 @@ class BlackBox:
         self.label_ids = self.encoder.label_ids(cfg.verbalizer_space) if self.kind != "encoder" else None
         self._label_index = torch.tensor(self.label_ids or [], dtype=torch.long, device=self.device)
         self.label_embeddings = self._label_embeddings() if self.kind == "encoder" else None
+        if self.kind == "mlm":
+            self._check_head()
         log.info("loaded %s (%s, hidden %d, vocab %d) on %s in %s; prompt added at the %s output; forwards of at "
                  "most %d rows and %d tokens", cfg.model_name, self.kind, self.hidden, self.vocab_size, self.device,
                  str(self.dtype).removeprefix("torch."), self.prompt_at, self.batch_size,
                  self.token_budget)  # fmt: skip
+
+    def _check_head(self) -> None:
+        """A masked LM whose forward does not go through its base model, position by position, cannot be read
+        at the answer position alone: say so at load time, with the flag that picks another reading."""
+        ids = torch.tensor([self.encoder.special_wrap()[0] + [self.tokenizer.mask_token_id]], device=self.device)
+        with torch.inference_mode():
+            self._answer = torch.tensor([ids.shape[1] - 1], device=self.device)
+            try:
+                logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            finally:
+                self._answer = None
+        if tuple(logits.shape) != (1, 1, self.vocab_size):
+            raise ValueError(
+                f"--model_type mlm: {self.cfg.model_name} ({type(self.model).__name__}) gives logits of shape "
+                f"{tuple(logits.shape)} when its body's output is cut to the answer position, not one row of "
+                f"{self.vocab_size} vocabulary scores; use --model_type causal or encoder if it is one of those"
+            )
+
+    def _narrow(self, module, inputs, output):
+        """Forward hook on a masked LM's body: only the answer position's hidden state goes on to the head."""
+        if self._answer is None:
+            return None
+        hidden = output[0]
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), self._answer][:, None]
+        if isinstance(output, tuple):
+            return (picked, *output[1:])
+        output["last_hidden_state"] = picked
+        return output
 
     def _hook_place(self, prompt_at: str) -> tuple[str, torch.nn.Module]:
         """The resolved ``--prompt_at`` and the module whose output receives the prompt."""
@@ -333,22 +377,33 @@ class BlackBox:
             if out is None:
                 out = scores.new_empty(p, n, scores.shape[-1])
             out[chunk.candidates, chunk.examples] = scores
-        if self.dtype == torch.float16 and not bool(torch.isfinite(out).all()):
-            raise FloatingPointError(
+        return out
+
+    def overflow_error(self) -> FloatingPointError:
+        """What a site says when the prompt it received gives non-finite class scores: every candidate of
+        the round is drawn around that prompt, so the site cannot search from it in this dtype."""
+        if self.dtype == torch.float16:
+            return FloatingPointError(
                 f"--dtype float16{' (what auto takes on CUDA)' if self.cfg.dtype == 'auto' else ''}: "
                 f"{self.cfg.model_name}'s activations overflow float16's range (non-finite class scores); "
                 "use --dtype bfloat16 or float32"
             )
-        return out
+        dtype = str(self.dtype).removeprefix("torch.")
+        return FloatingPointError(f"--dtype {dtype}: {self.cfg.model_name} gives non-finite class scores for the "
+                                  "received prompt")  # fmt: skip
 
     def _forward(self, batch: Batch, ex: torch.Tensor, prompts: torch.Tensor, length: int) -> torch.Tensor:
         """Class scores (B, C) of rows ``ex`` of the batch, each with its prompt, cut to ``length`` tokens."""
         ids, attention = batch.ids[ex, :length], batch.attention[ex, :length]
         self._active = (batch.prompt_positions[ex], prompts)
         try:
+            if self.kind == "mlm":
+                self._answer = batch.answer[ex]
+                logits = self.model(input_ids=ids, attention_mask=attention.long()).logits
+                return logits[:, 0, self._label_index].float()
             hidden = self.body(input_ids=ids, attention_mask=attention.long()).last_hidden_state
         finally:
-            self._active = None
+            self._active = self._answer = None
         if self.kind == "encoder":
             pooled = _mean_pool(hidden.float(), attention & ~batch.prompt[ex, :length])
             return self.cfg.label_scale * F.normalize(pooled, dim=-1) @ self.label_embeddings.T
@@ -390,8 +445,12 @@ class BlackBox:
     def evaluate(self, z: np.ndarray, batch: Batch) -> tuple[float, float]:
         """(loss, metric) of one prompt z on a batch of examples."""
         scores = self.class_scores(np.atleast_2d(z), batch)
-        both = torch.stack([self.loss_tensor(scores, batch.labels)[0], self.metric_tensor(scores, batch.labels)[0]])
-        loss, metric = both.cpu().tolist()
+        finite = torch.isfinite(scores).all()
+        both = torch.stack([self.loss_tensor(scores, batch.labels)[0], self.metric_tensor(scores, batch.labels)[0],
+                            finite.double()])  # fmt: skip
+        loss, metric, ok = both.cpu().tolist()  # one copy to the host
+        if not ok:
+            raise self.overflow_error()
         return float(loss), float(metric)
 
     def fitness(self, z: np.ndarray, rows: Batch, n_clean: int | None = None) -> np.ndarray:
@@ -399,15 +458,23 @@ class BlackBox:
         when ``rows`` holds both (clean first: ``rows = clean.concat(perturbed)``, ``n_clean = len(clean)``).
 
         Every candidate's clean and perturbed rows go through the model together, and the generation's
-        losses leave the device once, at the end."""
+        losses leave the device once, at the end. A candidate whose class scores are not finite (float16's
+        range overflowed) gets the generation's worst fitness, and is counted in ``nonfinite_candidates``."""
         scores = self.class_scores(z, rows)
         if n_clean is None or n_clean == len(rows):
-            return self.losses(scores, rows.labels)
-        clean = self.loss_tensor(scores[:, :n_clean], rows.labels[:n_clean])
-        noisy = self.loss_tensor(scores[:, n_clean:], rows.labels[n_clean:])
-        if self.cfg.loss_type == "perf":  # -accuracy: a ratio of negatives is meaningless, use the gap
-            return (clean - noisy).cpu().numpy()
-        return (clean / noisy.clamp(min=1e-12)).cpu().numpy()
+            values = self.loss_tensor(scores, rows.labels)
+        else:
+            clean = self.loss_tensor(scores[:, :n_clean], rows.labels[:n_clean])
+            noisy = self.loss_tensor(scores[:, n_clean:], rows.labels[n_clean:])
+            # perf is -accuracy: a ratio of negatives is meaningless, use the gap
+            values = clean - noisy if self.cfg.loss_type == "perf" else clean / noisy.clamp(min=1e-12)
+        finite = torch.isfinite(scores.flatten(1)).all(1)
+        both = torch.stack([values, finite.double()]).cpu().numpy()  # one copy to the host
+        values, ok = both[0], both[1].astype(bool)
+        if not ok.all():
+            self.nonfinite_candidates += int((~ok).sum())
+            values[~ok] = values[ok].max() if ok.any() else np.inf
+        return values
 
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

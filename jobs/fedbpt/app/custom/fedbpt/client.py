@@ -91,10 +91,11 @@ class FedBPTClient:
         # Train and dev pools are split the same way, with independent draws.
         train_shard = site_shards(data.train.labels, cfg.num_users, bool(cfg.iid), cfg.alpha_dir, cfg.seed)
         dev_shard = site_shards(data.dev.labels, cfg.num_users, bool(cfg.iid), cfg.alpha_dir, cfg.seed + 1)
-        self.train = self.blackbox.encode(data.train.subset(train_shard[self.index]))
+        train = data.train.subset(train_shard[self.index])
+        counts = np.bincount(train.labels, minlength=num_labels)  # on the host, before the rows go to the device
+        self.train = self.blackbox.encode(train)
         self.dev = self.blackbox.encode(data.dev.subset(dev_shard[self.index]))
         self.test = self.blackbox.encode(data.test) if self.evaluator and data.test is not None else None
-        counts = np.bincount(self.train.labels.numpy(), minlength=num_labels)
         log.info("%s: %d train examples (per class %s), %d dev, %s test", site, len(self.train),
                  counts.tolist(), len(self.dev), len(self.test) if self.test is not None else "no")  # fmt: skip
 
@@ -131,7 +132,7 @@ class FedBPTClient:
         bb = self.blackbox
         self.accept(start)
         round_ = start.round
-        tokens = bb.padded_tokens, bb.attended_tokens
+        tokens = bb.padded_tokens, bb.attended_tokens, bb.nonfinite_candidates
         metrics = self.evaluate(start.mean)
         shared = self.cfg.random_stream == "shared"
         seed = derive_seed(self.cfg.seed, self.site, round_, shared=shared)
@@ -147,7 +148,12 @@ class FedBPTClient:
         metrics.update(local_fitness=result.fitness, local_sigma=float(result.sigmas[-1]),
                        padded_tokens=float(bb.padded_tokens - tokens[0]),
                        attended_tokens=float(bb.attended_tokens - tokens[1]),
+                       nonfinite_candidates=float(bb.nonfinite_candidates - tokens[2]),
                        seconds=time.perf_counter() - t0)  # fmt: skip
+        if metrics["nonfinite_candidates"]:
+            log.warning("%s round %d: %d candidate(s) gave non-finite class scores (--dtype %s) and got their "
+                        "generation's worst fitness", self.site, round_, metrics["nonfinite_candidates"],
+                        str(bb.dtype).removeprefix("torch."))  # fmt: skip
         log.info("%s round %d: dev loss %.4f acc %.4f%s | local fitness %.4f sigma %.3g | %.1f s", self.site,
                  round_, metrics["dev_loss"], metrics["dev_acc"],
                  f" test acc {metrics['test_acc']:.4f}" if "test_acc" in metrics else "",

@@ -39,7 +39,8 @@ class Chunk:
 
 @dataclass
 class Batch:
-    """Tokenised examples, right-padded, longest first. Its tensors live on one device (``to``)."""
+    """Tokenised examples, right-padded, longest first. Its tensors live on one device (``to``); the host
+    facts that plan forwards and put rows back in input order (``lengths``, ``index``) stay numpy."""
 
     ids: torch.Tensor  # (n, T) int64
     attention: torch.Tensor  # (n, T) bool
@@ -49,6 +50,7 @@ class Batch:
     labels: torch.Tensor  # (n,) int64
     prompt_positions: torch.Tensor | None = None  # (n, L) int64: each row's placeholder positions, in order
     lengths: np.ndarray | None = None  # (n,) attended tokens per row, on the CPU: for planning
+    index: np.ndarray | None = None  # (n,) each row's example in the split it was encoded from, on the CPU
     _chunks: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -56,6 +58,8 @@ class Batch:
             self.prompt_positions = self.prompt.nonzero()[:, 1].view(self.prompt.shape[0], -1)
         if self.lengths is None:
             self.lengths = self.attention.sum(1).cpu().numpy()
+        if self.index is None:
+            self.index = np.arange(self.ids.shape[0])
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -67,14 +71,15 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         """The same rows on ``device`` (moved once; every forward then slices them there)."""
         tensors = {k: getattr(self, k).to(device) for k in _TENSORS}
-        return Batch(**tensors, lengths=self.lengths)
+        return Batch(**tensors, lengths=self.lengths, index=self.index)
 
     def concat(self, other: Batch) -> Batch:
         """Self's rows, then other's (e.g. the clean examples, then their perturbed copies)."""
         t = max(self.ids.shape[1], other.ids.shape[1])
         padded = {k: torch.cat([_pad(getattr(self, k), t), _pad(getattr(other, k), t)]) for k in _PADDED}
         flat = {k: torch.cat([getattr(self, k), getattr(other, k)]) for k in ("answer", "labels", "prompt_positions")}
-        return Batch(**padded, **flat, lengths=np.concatenate([self.lengths, other.lengths]))
+        return Batch(**padded, **flat, lengths=np.concatenate([self.lengths, other.lengths]),
+                     index=np.concatenate([self.index, other.index]))  # fmt: skip
 
     def chunks(self, candidates: int, batch_size: int, token_budget: int, overhead: int) -> list[Chunk]:
         """The forward passes that score ``candidates`` prompts on every row (planned once per shape)."""
@@ -245,6 +250,7 @@ class Encoder:
             text=kind_t == 2,
             answer=torch.tensor([answers[i] for i in order], dtype=torch.long),
             labels=torch.as_tensor(np.asarray(split.labels)[order], dtype=torch.long),
+            index=np.asarray(order, dtype=np.int64),
         )
 
     def perturb(self, batch: Batch, rate: float, rng: np.random.Generator, scope: str = "text") -> Batch:

@@ -152,8 +152,9 @@ class FedBPTAggregator(Aggregator):
         try:
             model = FLModelUtils.from_shareable(shareable)
             meta = model.meta or {}
-            if meta.get("error"):
-                self.refuse(site, f"the site stopped: {meta['error']}", fl_ctx)
+            if meta.get("error"):  # "stopped": the site answers every later round with this error too
+                self.refuse(site, f"the site {'stopped' if meta.get('stopped', True) else 'failed'}: {meta['error']}",
+                            fl_ctx)  # fmt: skip
                 return False
             result = decode_up(model.params or {}, meta)
             metrics = {k: float(v) for k, v in (model.metrics or {}).items()}

@@ -44,11 +44,11 @@ class Predictor:
     def task(self) -> Task:
         return self.blackbox.task
 
-    def scores(self, texts: list[tuple[str, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class scores (n, C) of BlackBox's scorer, in its row order, and each row's input index."""
-        indexed = Split(texts=texts, labels=np.arange(len(texts)))  # the labels carry each row's input index
-        batch = self.blackbox.encode(indexed)
-        return self.blackbox.class_scores(self.z[None], batch)[0], batch.labels
+    def scores(self, texts: list[tuple[str, ...]]) -> tuple[torch.Tensor, np.ndarray]:
+        """Class scores (n, C) of BlackBox's scorer, on the model's device in its row order, and each row's
+        input index (numpy, on the host)."""
+        batch = self.blackbox.encode(Split(texts=texts, labels=np.zeros(len(texts), dtype=np.int64)))
+        return self.blackbox.class_scores(self.z[None], batch)[0], batch.index
 
     def probabilities(self, texts: list[tuple[str, ...]]) -> np.ndarray:
         """(n, C) class probabilities, in input order."""
@@ -56,17 +56,17 @@ class Predictor:
             return np.zeros((0, self.task.num_labels))
         scores, index = self.scores(texts)
         probs = np.empty((len(texts), scores.shape[1]))
-        probs[index.numpy()] = torch.softmax(scores.double(), dim=-1).cpu().numpy()
+        probs[index] = torch.softmax(scores.double(), dim=-1).cpu().numpy()
         return probs
 
     def evaluate(self, split: Split) -> dict:
         """Loss, metric and predictions on a labelled split, computed as the sites compute the test figures."""
         scores, index = self.scores(split.texts)
-        truth = torch.as_tensor(split.labels)[index]
+        truth = torch.as_tensor(split.labels[index]).to(scores.device)
         loss = float(self.blackbox.losses(scores[None], truth)[0])
         value = float(self.blackbox.metric(scores[None], truth)[0])
         predictions = np.empty(len(split), dtype=np.int64)
-        predictions[index.numpy()] = scores.argmax(-1).cpu().numpy()
+        predictions[index] = scores.argmax(-1).cpu().numpy()
         correct = int((predictions == split.labels).sum())
         c = self.task.num_labels
         confusion = np.zeros((c, c), dtype=np.int64)  # rows: true label, columns: predicted

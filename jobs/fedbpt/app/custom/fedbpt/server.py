@@ -246,7 +246,8 @@ def aggregate_round(
         "missing": missing,
         "local_fitness": float(np.mean([r.result.fitness for r in used])),
     }
-    for key in ("padded_tokens", "attended_tokens"):  # what the sites' forwards cost this round
+    # what the sites' forwards cost this round, and how many candidates overflowed (see BlackBox.fitness)
+    for key in ("padded_tokens", "attended_tokens", "nonfinite_candidates"):
         if any(key in r.metrics for r in used):
             row[key] = int(sum(r.metrics.get(key, 0) for r in used))
     better, row["compared_on"] = compare_with_best(figures, state)
