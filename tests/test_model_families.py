@@ -76,3 +76,14 @@ def test_a_model_without_a_masked_lm_class_names_the_model_type_flag(tiny_causal
     with pytest.raises(ValueError, match=r"^--model_type mlm: .* has no masked-LM class"):
         BlackBox(BlackBoxConfig(model_name=str(tiny_causal), task=SST2, n_prompt_tokens=5, intrinsic_dim=16,
                                 model_type="mlm"))  # fmt: skip
+
+
+def test_a_masked_lm_whose_tokenizer_has_no_mask_token_names_the_model(tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = build("bert", tmp_path / "bert")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.mask_token = None
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(ValueError, match=rf"^--model_name {folder}: the tokenizer has no mask token"):
+        BlackBox(BlackBoxConfig(model_name=str(folder), task=SST2, n_prompt_tokens=5, intrinsic_dim=16))

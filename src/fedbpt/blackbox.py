@@ -225,6 +225,8 @@ class BlackBox:
     def _check_head(self) -> None:
         """A masked LM whose forward does not go through its base model, position by position, cannot be read
         at the answer position alone: say so at load time, with the flag that picks another reading."""
+        if self.tokenizer.mask_token_id is None:
+            raise ValueError(f"--model_name {self.cfg.model_name}: the tokenizer has no mask token (--model_type mlm)")
         ids = torch.tensor([self.encoder.special_wrap()[0] + [self.tokenizer.mask_token_id]], device=self.device)
         with torch.inference_mode():
             self._answer = torch.tensor([ids.shape[1] - 1], device=self.device)
