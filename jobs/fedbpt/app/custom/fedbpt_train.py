@@ -41,8 +41,9 @@ def join(site: str, start: GlobalPrompt) -> tuple[FedBPTClient | None, str | Non
         check_server_state(cfg, start)
         return FedBPTClient(cfg, site), None
     except Exception as e:
-        log.exception("%s cannot take part", site)
-        return None, f"{site} cannot take part: {describe(e)}"
+        error = f"{site} cannot take part: {describe(e)}"
+        log.error(error, exc_info=not isinstance(e, (ValueError, FileNotFoundError)))  # a bad flag needs no trace
+        return None, error
 
 
 def run_round(site: str, client: FedBPTClient, start: GlobalPrompt) -> tuple[tuple | None, str | None, bool]:
@@ -52,9 +53,10 @@ def run_round(site: str, client: FedBPTClient, start: GlobalPrompt) -> tuple[tup
     try:
         return client.run_round(start), None, False
     except Exception as e:
-        log.exception("%s failed in round %d", site, start.round)
         fatal = isinstance(e, FloatingPointError)
-        return None, f"{site} {'cannot take part' if fatal else f'failed in round {start.round}'}: {describe(e)}", fatal
+        error = f"{site} {'cannot take part' if fatal else f'failed in round {start.round}'}: {describe(e)}"
+        log.error(error, exc_info=not fatal)
+        return None, error, fatal
 
 
 def main() -> None:
