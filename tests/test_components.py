@@ -60,17 +60,21 @@ def site_result(site: str, params: dict, meta: dict, metrics: dict | None = None
     return shareable
 
 
-def test_aggregator_names_every_site_it_leaves_out(tmp_path, monkeypatch):
-    """A site that reported an error, sent a malformed result or failed its task is named with why in the
-    metrics row; a site heard from before that does not answer is named as missing."""
+def described_result(tmp_path, monkeypatch):
+    """An aggregator writing into tmp_path, the state it starts from, and a site's result with its description."""
     import fedbpt.nvflare_components as components
 
     monkeypatch.setattr(components, "run_dir", lambda fl_ctx: str(tmp_path))
-    aggregator = FedBPTAggregator()
-    state = init_state(8, 1.0, 1)
     params, meta = encode_up(LocalResult(np.full(8, 0.1), 0.5, np.ones(3), popsize=5))
     description = {"model_name": "m", "task_name": "sst2", "seed": 1, "n_prompt_tokens": 2, "hidden_size": 4,
                    "projection_scale": 0.5, "intrinsic_dim": 8, "k_shot": 8, "num_labels": 2}  # fmt: skip
+    return FedBPTAggregator(), init_state(8, 1.0, 1), params, meta, description
+
+
+def test_aggregator_names_every_site_it_leaves_out(tmp_path, monkeypatch):
+    """A site that reported an error, sent a malformed result or failed its task is named with why in the
+    metrics row; a site heard from before that does not answer is named as missing."""
+    aggregator, state, params, meta, description = described_result(tmp_path, monkeypatch)
     good = {**meta, "fingerprint": "f00d", "description": description}
     metrics = {"dev_loss": 0.5, "dev_acc": 0.5, "n_dev": 4.0}
     for site in ("site-1", "site-2", "site-3", "site-4"):
@@ -225,14 +229,7 @@ def test_min_clients_left_unset_waits_for_every_site_and_a_smaller_one_is_named_
 def test_a_late_answer_leaves_its_description_and_its_measurement_of_the_earlier_prompt(tmp_path, monkeypatch):
     """site-2 answers round 0 while round 1 runs (its first result): the server learns its description and
     records its dev and test figures for round 0's prompt in round 1's row under late."""
-    import fedbpt.nvflare_components as components
-
-    monkeypatch.setattr(components, "run_dir", lambda fl_ctx: str(tmp_path))
-    aggregator = FedBPTAggregator()
-    state = init_state(8, 1.0, 1)
-    params, meta = encode_up(LocalResult(np.full(8, 0.1), 0.5, np.ones(3), popsize=5))
-    description = {"model_name": "m", "task_name": "sst2", "seed": 1, "n_prompt_tokens": 2, "hidden_size": 4,
-                   "projection_scale": 0.5, "intrinsic_dim": 8, "k_shot": 8, "num_labels": 2}  # fmt: skip
+    aggregator, state, params, meta, description = described_result(tmp_path, monkeypatch)
     answer = {**meta, "fingerprint": "f00d", "description": description}
     ctx = context(state)
     ctx.set_prop(AppConstants.CURRENT_ROUND, 1, private=True, sticky=False)
