@@ -35,7 +35,7 @@ Writes ``benchmarks/results/paper_tasks.json`` and ``figs/paper_tasks.png``.
 Cost, measured on one thread of a shared 2-core CPU: a federated run (16 rounds, a test pass each) takes
 about 7 minutes on SST-2 and 33 on AG News (a round: about 95 s of site searches, 16 examples a site, and
 25 s of test); Yelp's texts are several times longer (a round about 140 s of searches, before its test
-pass). The whole grid is some 8 hours at one thread: run it over several sessions with ``--resume``.
+pass). The whole grid is about 9 hours at one thread: run it over several sessions with ``--resume``.
 """
 
 from __future__ import annotations
@@ -326,7 +326,9 @@ def write(args, runs: dict, setting: dict, data: TaskData, t0: float, missing: l
         },
         "test_sizes": {f"{task}_seed{seed}": n for (task, seed), n in sorted(data.test_sizes.items())},
         "command": command(),  # this invocation's; each run's own is in run_commands
-        "run_commands": sorted({r.get("command", "?") for m in runs.values() for s in m.values() for r in s.values()}),
+        "run_commands": sorted(
+            {r.get("command", "not recorded") for m in runs.values() for s in m.values() for r in s.values()}
+        ),
         "git_revision": git_revision(),
         "wall_seconds": round(time.perf_counter() - t0, 1),  # this invocation's (cached runs cost nothing)
         "compute_seconds": round(sum(SPENT.values()), 1),  # the runs' own times, cached ones included
