@@ -162,17 +162,20 @@ class Bench:
         return {"best_test": self.test_acc(seed, best[1]), "final_test": self.test_acc(seed, np.asarray(es.mean)),
                 "curve": [], "forwards": forwards}  # fmt: skip
 
-    def fedavg_bbt(self, seed: int, perturb: bool = False) -> dict:
+    def fedavg_bbt(self, seed: int, perturb: bool = False, curve: bool = False) -> dict:
         """Local BBT at every site, plain averaging of the local means; sigma and covariance stay at the start.
 
-        Without perturbation (the baseline) the sites run twice the generations, for the same budget."""
+        Without perturbation (the baseline) the sites run twice the generations, for the same budget. With
+        ``curve``, every round's starting mean is also scored on test (as FedBPT's evaluator site does)."""
         local_iter = self.setting["local_iter"] * (1 if perturb else 2)
         cfg = self.site_config(seed, perturb=int(perturb), local_iter=local_iter)
         bb, data = self.box(seed), load_task_data(cfg, with_test=False)
         sites = [FedBPTClient(cfg, f"site-{i + 1}", bb, data) for i in range(cfg.num_users)]
         mean, best = np.zeros(cfg.intrinsic_dim), (math.inf, np.zeros(cfg.intrinsic_dim), 0)
-        dev_acc, dev_losses = [], []
+        dev_acc, dev_losses, tests = [], [], []
         for round_ in range(self.args.rounds):
+            if curve:
+                tests.append(self.test_acc(seed, mean))
             start = GlobalPrompt(mean, 1.0, np.ones(cfg.intrinsic_dim), round_)
             outcomes = [site.run_round(start) for site in sites]
             n_dev = np.array([m["n_dev"] for _, m in outcomes])
@@ -182,7 +185,7 @@ class Bench:
             if dev_loss < best[0]:
                 best = (dev_loss, mean.copy(), round_)
             mean = np.mean([r.mean for r, _ in outcomes], axis=0)
-        return {"best_test": self.test_acc(seed, best[1]), "final_test": self.test_acc(seed, mean), "curve": [],
+        return {"best_test": self.test_acc(seed, best[1]), "final_test": self.test_acc(seed, mean), "curve": tests,
                 "best_round": best[2], "dev_acc": dev_acc, "dev_loss": dev_losses,
                 "forwards": train_forwards(cfg, self.args.rounds)}  # fmt: skip
 
