@@ -86,7 +86,7 @@ def main() -> None:
                 writer.add_scalar(key, metrics[key], global_step=start.round)
         params, meta = encode_up(result)
         meta["fingerprint"] = client.blackbox.fingerprint
-        # with every result (about 360 bytes on the wire): a server that missed or lost an earlier one still
+        # with every result (469 bytes as JSON): a server that missed or lost an earlier one still
         # checks the site against it and writes the prompt files from it
         meta["description"] = client.description()
         flare.send(flare.FLModel(params=params, metrics=metrics, meta=meta))
