@@ -30,6 +30,7 @@ from fedbpt.config import build_parser as site_parser  # noqa: E402
 from fedbpt.config import parse_args  # noqa: E402
 from fedbpt.privacy import UploadPrivacy  # noqa: E402
 from fedbpt.search import COVARIANCES, MAX_STEP, STEP_RULES  # noqa: E402
+from fedbpt.server import SELECTIONS, Guard  # noqa: E402
 
 DEFAULT_INTRINSIC_DIM = 500  # the template's, and the paper's
 DEFAULT_N_CLIENTS = 2
@@ -71,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max_step", type=float, default=MAX_STEP,
                         help="refuse a site whose step is longer than this many honest (no-signal) steps")  # fmt: skip
     server.add_argument("--patience", type=int, default=0, help="early stop after N rounds without a better dev loss")
+    server.add_argument("--selection", choices=SELECTIONS, default=Guard.selection,
+                        help="bootstrap: a round replaces the best one only when a paired bootstrap over the dev "
+                        "examples finds its dev loss lower with --confidence; lowest: any lower dev loss")  # fmt: skip
+    server.add_argument("--confidence", type=float, default=Guard.confidence, help="see --selection")
+    server.add_argument(
+        "--restore_after",
+        type=int,
+        default=Guard.restore_after,
+        help="rounds with no lower dev loss before the search goes back to the best mean (0: off)",
+    )
+    server.add_argument("--restore_shrink", type=float, default=Guard.restore_shrink,
+                        help="the step size's factor when the search is restored")  # fmt: skip
     server.add_argument("--wait_time_after_min_received", type=int, default=0,
                         help="seconds to wait for more results after min_clients arrived")  # fmt: skip
     server.add_argument("--resume_from", default="", help="a fedbpt_state.npz to start from (read by the server)")
@@ -182,7 +195,8 @@ def main() -> None:
         recipe = FedBPTRecipe(
             name=args.name, min_clients=args.min_clients, num_rounds=args.num_rounds, site_args=site_argv,
             intrinsic_dim=args.intrinsic_dim, sigma=args.sigma, seed=args.seed, covariance=args.covariance,
-            step_rule=args.step_rule, max_step=args.max_step, patience=args.patience,
+            step_rule=args.step_rule, max_step=args.max_step, patience=args.patience, selection=args.selection,
+            confidence=args.confidence, restore_after=args.restore_after, restore_shrink=args.restore_shrink,
             wait_time_after_min_received=args.wait_time_after_min_received, resume_from=args.resume_from,
             clip_norm=args.clip_norm, noise_multiplier=args.noise_multiplier, tracking=args.tracking,
         )  # fmt: skip
@@ -211,6 +225,10 @@ def check_numbers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     for name in ("sigma", "max_step"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
+    try:
+        Guard(args.selection, args.confidence, args.restore_after, args.restore_shrink)
+    except ValueError as e:
+        parser.error(f"--{str(e).removeprefix('aggregator ')}")
 
 
 def report(args: argparse.Namespace, job_id: str, status: str | None, result: str | None, env) -> None:

@@ -135,6 +135,7 @@ class Bench:
             "dev_acc": [r["dev_acc"] for r in rows],
             "dev_loss": [r["dev_loss"] for r in rows],
             "sigma": [r["sigma"] for r in rows],
+            "restored": [r["round"] for r in rows if r.get("restored")],
             "forwards": train_forwards(cfg, self.args.rounds),
         }
 

@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accuracy import METHODS, REPO, RESULTS, SETTING, SPENT, Bench, cached, minilm, prepare, stats  # noqa: E402
 from fedbpt.data import k_shot_pools  # noqa: E402
+from fedbpt.server import Guard  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 TASKS = ("sst2", "agnews", "yelpp")  # the run order within a seed: the cheapest first (Yelp's texts are longest)
@@ -159,7 +161,7 @@ def seed_entry(seed: int, run: dict) -> dict:
     entry = {"seed": seed, "best": run["best_test"], "final": run["final_test"]}
     if "best_round" in run:
         entry.update(best_round=run["best_round"], test_acc=run["curve"], dev_loss=run["dev_loss"],
-                     dev_acc=run["dev_acc"], seconds=run["seconds"])  # fmt: skip
+                     dev_acc=run["dev_acc"], seconds=run["seconds"], restored=run.get("restored", []))  # fmt: skip
     return entry
 
 
@@ -253,6 +255,8 @@ def run_one(args, bench: TaskBench, name: str, seed: int, setting: dict) -> dict
     def compute() -> dict:
         return {**RUN_METHODS[name](bench, seed), "setting": setting, "command": command(), "git": git_revision()}
 
+    if name.startswith("fedbpt"):  # the server's selection and guard shape FedBPT's runs, not the baselines'
+        setting = {**setting, "guard": asdict(Guard())}
     run = cached(f"{bench.task}_{name}", seed, args, compute)
     if run.get("setting") != setting:
         raise SystemExit(f"{args.runs_dir}/{bench.task}_{name}_seed{seed}.json holds a run of another setting "

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedbpt.search import LocalResult, init_state, load_state
-from fedbpt.server import RunRecorder, SiteReport, aggregate_round
+from fedbpt.server import Guard, RunRecorder, SiteReport, aggregate_round
 
 D = 8
 
@@ -253,7 +253,7 @@ def test_a_round_without_the_site_of_a_hard_shard_is_compared_on_the_sites_it_ha
     assert rows[1]["compared_on"] == ["site-1", "site-2"] and rows[2]["compared_on"] == ["site-1", "site-2", "site-3"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["rounds_with_fewer_dev_sites"] == {"1": ["site-3"]}
-    assert summary["selection"].startswith("a round beats the best round so far when its dev loss")
+    assert "dev_sites and compared_on" in summary["selection"]
 
 
 def test_loss_type_perf_dev_losses_are_minus_accuracy_and_accepted_in_their_range():
@@ -267,3 +267,102 @@ def test_loss_type_perf_dev_losses_are_minus_accuracy_and_accepted_in_their_rang
     assert row["sites"] == ["site-1", "site-2"] and new.loss_type == "perf"
     assert row["dropped"]["site-3"] == "dev_loss 0.3 is not a number in [-1, 0] (--loss_type perf reports -accuracy)"
     assert row["dev_loss"] == pytest.approx(-(0.75 + 0.625) / 2) and new.best_round == 0
+
+
+def with_examples(r: SiteReport, losses) -> SiteReport:
+    """The report with its per-example dev losses (their mean is its dev loss, as a site sends them)."""
+    losses = np.asarray(losses, dtype=np.float64)
+    r.metrics.update(dev_loss=float(losses.mean()), n_dev=float(losses.size))
+    r.result = replace(r.result, dev_losses=losses)
+    return r
+
+
+def test_a_round_replaces_the_best_only_when_the_paired_bootstrap_says_its_dev_loss_is_lower():
+    """Round 0 (z = 0) is the first best round. Round 1 is lower on average by noise: 0.02 lower over 40
+    examples whose differences spread by 0.3; round 2 is lower by 0.05 on every example. ``bootstrap`` keeps
+    round 0 against round 1 and takes round 2; ``lowest`` takes both."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.3, 0.9, size=(2, 20))
+    noise = rng.normal(0.0, 0.3, size=(2, 20))
+    noise -= noise.mean() + 0.02  # the mean difference is exactly -0.02
+    rounds = [base, base + noise, base - 0.05]
+    for selection, expected in (("bootstrap", [0, 0, 2]), ("lowest", [0, 1, 2])):
+        state, rows = init_state(D, 1.0, 7), []
+        for losses in rounds:
+            reports = [with_examples(report(f"site-{i + 1}", 0.1, 0.0, 20), losses[i]) for i in range(2)]
+            state, row = aggregate_round(state, reports, guard=Guard(selection=selection))
+            rows.append(row)
+        assert [r["best_round"] for r in rows] == expected, selection
+        assert rows[1]["dev_loss"] < rows[0]["dev_loss"]
+    state, rows = init_state(D, 1.0, 7), []
+    for losses in rounds:
+        reports = [with_examples(report(f"site-{i + 1}", 0.1, 0.0, 20), losses[i]) for i in range(2)]
+        state, row = aggregate_round(state, reports)
+        rows.append(row)
+    p_noise, p_real = rows[1]["p_better"], rows[2]["p_better"]
+    print(f"P(lower): noise {p_noise:.3f}, real {p_real:.3f}")
+    assert 0.5 < p_noise < 0.9 and p_real == 1.0 and rows[0]["p_better"] is None
+    assert json.loads(state.best_examples)["site-1"] == pytest.approx(list(rounds[2][0]))
+
+
+def test_per_example_losses_that_disagree_with_the_dev_loss_are_not_used():
+    state = init_state(D, 1.0, 7)
+    state, _ = aggregate_round(state, [with_examples(report("site-1", 0.1, 0.0, 4), [0.5, 0.5, 0.5, 0.5])])
+    liar = with_examples(report("site-1", 0.1, 0.0, 4), [0.1, 0.1, 0.1, 0.1])
+    liar.metrics["dev_loss"] = 0.45  # lower than round 0, but not what its examples say
+    _, row = aggregate_round(state, [liar])
+    assert row["p_better"] is None and row["best_round"] == 1  # compared on the dev losses, as before
+
+
+def test_the_guard_returns_the_search_to_the_best_mean_after_restore_after_rounds_without_a_lower_dev_loss(tmp_path):
+    """Dev losses 0.5, 0.4 (best), then four rounds of 0.45 or worse: after the fourth, the next state's mean
+    is round 1's broadcast mean, its sigma half the broadcast one, its paths empty; then the count starts
+    again from the restored prompt's dev loss (round 6). With restore_after = 0 the search walks on."""
+    losses = [0.5, 0.4, 0.45, 0.47, 0.46, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6]
+    for restore_after, restored_in in ((4, [5, 10]), (0, [])):
+        guard = Guard(selection="lowest", restore_after=restore_after)
+        recorder = RunRecorder(str(tmp_path / str(restore_after)), guard)
+        state, means, rows = init_state(D, 1.0, 7), [], []
+        for round_, dev in enumerate(losses):
+            means.append(state.mean.copy())
+            before = state
+            state, row = aggregate_round(state, [report(s, 0.1 * (round_ + 1), dev, 10) for s in ("site-1", "site-2")],
+                                         guard=guard)  # fmt: skip
+            recorder.record(row, state)
+            rows.append(row)
+            if row["restored"]:
+                np.testing.assert_array_equal(state.mean, means[1])
+                assert state.sigma == before.sigma * 0.5 and row["next_sigma"] == state.sigma
+                assert not state.p_sigma.any() and not state.p_c.any() and state.path_round == state.round
+                assert row["restored"]["to_round"] == 1 and row["restored"]["after_rounds"] == 4
+        assert [r["round"] for r in rows if r["restored"]] == restored_in
+        assert state.restores == len(restored_in) and all(r["best_round"] == 1 for r in rows[1:])
+        summary = json.loads((tmp_path / str(restore_after) / "summary.json").read_text())
+        assert summary["restores"] == len(restored_in)
+        assert ("returns to the best round's mean" in summary["selection"]) == bool(restore_after)
+
+
+def test_after_a_restore_the_step_size_path_starts_afresh():
+    """The first update after a restore reads its (empty) evolution path as a first round's: without signal,
+    sigma stays within 10% of the restored one, as in a fresh search's first round."""
+    rng = np.random.default_rng(3)
+    guard = Guard(selection="lowest", restore_after=1)
+    state = init_state(64, 1.0, 7)
+    sigmas = []
+    for round_ in range(4):
+        reports = [SiteReport(f"site-{i}", LocalResult(state.mean + state.sigma * rng.standard_normal(64) * 0.5,
+                                                       float(rng.random()), np.full(4, state.sigma), popsize=5),
+                              {"dev_loss": 0.5, "n_dev": 4.0}) for i in range(6)]  # fmt: skip
+        before = state
+        state, row = aggregate_round(state, reports, guard=guard)
+        if round_ == 1:
+            assert row["restored"] and state.sigma == before.sigma * 0.5
+        sigmas.append(state.sigma)
+    assert 0.9 < sigmas[2] / sigmas[1] < 1.1
+
+
+@pytest.mark.parametrize(("key", "value"), [("selection", "best"), ("confidence", 1.0), ("restore_after", -1),
+                                            ("restore_shrink", 0.0)])  # fmt: skip
+def test_guard_settings_that_cannot_work_are_refused_naming_the_key(key, value):
+    with pytest.raises(ValueError, match=f"aggregator {key} must"):
+        Guard(**{key: value})

@@ -48,6 +48,16 @@ class ServerState:
     best_dev_acc: float = math.nan
     best_test_acc: float = math.nan
     best_sites: str = ""
+    # The best round's per-example dev losses as JSON {site: [loss, ...]}, for the paired test of a later round.
+    best_examples: str = ""
+    # The guard (``server.Guard``): the lowest pooled dev loss of a broadcast prompt since the best round
+    # changed or the search was last restored, the rounds since that loss was last lowered, and how many
+    # times the search was sent back to the best mean. ``path_round``: the round since which the evolution
+    # paths have grown (a restore empties them).
+    lowest_dev_loss: float = math.inf
+    stale: int = 0
+    restores: int = 0
+    path_round: int = 0
     # What every site must share beyond the server's own seed and intrinsic_dim ("" and 0: not yet), taken
     # from the majority of the first round's sites that pass their own checks: the projection's fingerprint,
     # one site that has it, the local popsize, the number of local generations and the loss type (sites
@@ -140,21 +150,27 @@ def decode_down(params: dict[str, np.ndarray], meta: dict) -> GlobalPrompt:
 
 @dataclass
 class LocalResult:
-    """A site's answer: its final local mean, that mean's fitness and the step size of each generation."""
+    """A site's answer: its final local mean, that mean's fitness and the step size of each generation; and
+    the per-example dev losses of the prompt it received (empty where not measured), for the server's test
+    of whether a round's prompt is better than the best one."""
 
     mean: np.ndarray
     fitness: float
     sigmas: np.ndarray  # the step size each local generation sampled with
     popsize: int
     evaluations: int = 0
+    dev_losses: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def encode_up(result: LocalResult) -> tuple[dict[str, np.ndarray], dict]:
-    """A site's answer: (params, meta) = ({mean} as float32, {fitness, sigmas, local_popsize}).
+    """A site's answer: (params, meta) = ({mean} as float32, {fitness, sigmas, local_popsize, dev_losses}).
 
-    Scalars travel as numbers: every numpy array costs about 280 bytes of framing on the wire."""
+    Scalars travel as numbers: every numpy array costs about 280 bytes of framing on the wire. The dev
+    losses travel to 4 decimals (about 8 bytes each), far finer than the differences the server tests."""
     meta = {"fitness": float(result.fitness), "sigmas": [float(s) for s in result.sigmas],
             "local_popsize": int(result.popsize)}  # fmt: skip
+    if result.dev_losses.size:
+        meta["dev_losses"] = [round(float(v), 4) for v in result.dev_losses]
     return {"mean": result.mean.astype(np.float32)}, meta
 
 
@@ -167,6 +183,7 @@ def decode_up(params: dict[str, np.ndarray], meta: dict) -> LocalResult:
         fitness=float(meta["fitness"]),
         sigmas=np.asarray(meta["sigmas"], dtype=np.float64).reshape(-1),
         popsize=int(meta.get("local_popsize", 0)),
+        dev_losses=np.asarray(meta.get("dev_losses", []), dtype=np.float64).reshape(-1),
     )
 
 
@@ -420,7 +437,7 @@ def update_with_clipping(state: ServerState, results: list[LocalResult], rule: s
     # chi_n. Read against chi_n alone, the first ~1 / c_s rounds look like short steps and shrink sigma by
     # exp(-(1 - ln 2) / d_s), about 0.74, even when nothing is learnt; read against its own expectation,
     # the path is neutral from the first round (the same correction h_sigma uses below).
-    startup = math.sqrt(1 - (1 - c_s) ** (2 * generation))
+    startup = math.sqrt(1 - (1 - c_s) ** (2 * (generation - state.path_round)))
     sigma_after = sigma_c * math.exp((c_s / d_s) * (norm_ps / (chi_n * startup) - 1))
     h_sigma = norm_ps / startup < (1.4 + 2 / (n + 1)) * chi_n
     p_c = (1 - c_c) * state.p_c + h_sigma * math.sqrt(c_c * (2 - c_c) * mu_eff) * y_w
