@@ -20,8 +20,13 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from conftest import REPO
-from fedbpt.nvflare_components import FedBPTAggregator, FedBPTScatterAndGather, FedBPTShareableGenerator
-from fedbpt.search import LocalResult, decode_down, encode_down, encode_up, init_state, server_update
+from fedbpt.nvflare_components import (
+    FedBPTAggregator,
+    FedBPTScatterAndGather,
+    FedBPTShareableGenerator,
+    wire_bytes,
+)
+from fedbpt.search import LocalResult, ServerState, decode_down, encode_down, encode_up, init_state, server_update
 
 
 def context(state) -> FLContext:
@@ -156,12 +161,14 @@ def test_server_side_imports_neither_torch_nor_transformers():
     assert out.stdout.strip() == "[]"
 
 
-def test_a_site_describes_itself_with_every_result_so_a_refused_first_one_costs_nothing(
+def test_a_site_describes_itself_until_the_broadcast_shows_the_server_holds_its_description(
     tmp_path, monkeypatch, tiny_roberta
 ):
-    """The site script runs two rounds (NVFlare's Client API replaced by lists); the server refuses the first
-    result as malformed. It learns the site's description from the second, and the prompt files have the
-    soft prompt, the model and the hidden size."""
+    """The site script runs three rounds (NVFlare's Client API replaced by lists); the server refuses the first
+    result as malformed, so the second broadcast names no description and the site sends it again. The
+    server learns it from the second, and keeps it in its state; the third broadcast names it, and the site
+    sends none. A server that starts afresh from that state (a restart) writes the prompt files from it,
+    with the soft prompt, the model and the hidden size, and the answer is smaller by the description."""
     import sys
 
     import nvflare.client as flare
@@ -174,29 +181,53 @@ def test_a_site_describes_itself_with_every_result_so_a_refused_first_one_costs_
              "--n_prompt_tokens", "4", "--k_shot", "4", "--device", "cpu", "--seed", "1234", "--local_iter", "2",
              "--local_popsize", "4", "--num_users", "1", "--eval_clients", "", "--perturb", "0"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", ["fedbpt_train.py", *flags])
-    state = init_state(16, 1.0, 1234)
-    inbox = [FLModel(params=p, meta=m) for p, m in [encode_down(state)] * 2]
+    states = [init_state(16, 1.0, 1234)] * 2
     sent = []
+
+    def receive(*a, **k):
+        params, meta = encode_down(states[len(sent)])
+        return FLModel(params=params, meta=meta)
+
     for name, value in {"init": lambda *a, **k: None, "get_site_name": lambda: "site-1",
-                        "is_running": lambda: bool(inbox), "receive": lambda *a, **k: inbox.pop(0),
+                        "is_running": lambda: len(sent) < 3, "receive": receive,
                         "send": lambda model, *a, **k: sent.append(model)}.items():  # fmt: skip
         monkeypatch.setattr(flare, name, value)
     monkeypatch.setattr(fedbpt_train, "SummaryWriter", lambda: type("W", (), {"add_scalar": lambda *a, **k: None})())
-    fedbpt_train.main()
-    assert len(sent) == 2 and all("description" in m.meta for m in sent)
-    print(f"description on the wire: {len(json.dumps(sent[1].meta['description']))} bytes as JSON")
 
     aggregator = FedBPTAggregator()
-    first = sent[0]
-    first.meta.pop("fitness")  # malformed: refused before the server reads anything else
-    assert not aggregator.accept(site_result("site-1", first.params, first.meta, first.metrics), context(state))
-    assert aggregator.descriptions == {}
-    second = sent[1]
-    assert aggregator.accept(site_result("site-1", second.params, second.meta, second.metrics), context(state))
-    aggregator.aggregate(context(state))
+    original = flare.send
+
+    def send(model, *a, **k):  # the server's side of each round, as the answers arrive
+        original(model)
+        if len(sent) == 1:
+            model = FLModel(params=model.params, meta={k: v for k, v in model.meta.items() if k != "fitness"},
+                            metrics=model.metrics)  # fmt: skip
+            malformed = site_result("site-1", model.params, model.meta, model.metrics)
+            assert not aggregator.accept(malformed, context(states[0]))  # refused before anything else is read
+            assert aggregator.descriptions == {}
+        elif len(sent) == 2:
+            assert aggregator.accept(site_result("site-1", model.params, model.meta, model.metrics),
+                                     context(states[1]))  # fmt: skip
+            states.append(ServerState.from_arrays(from_shareable(aggregator.aggregate(context(states[1]))).data))
+
+    monkeypatch.setattr(flare, "send", send)
+    fedbpt_train.main()
+    assert len(sent) == 3 and ["description" in m.meta for m in sent] == [True, True, False]
+    description = sent[1].meta["description"]
+    print(f"description on the wire: {len(json.dumps(description))} bytes as JSON")
+    assert states[2].known_descriptions() == {"site-1": description}
+
+    restarted = FedBPTAggregator()  # knows nothing but the state
+    third = sent[2]
+    assert restarted.accept(site_result("site-1", third.params, third.meta, third.metrics), context(states[2]))
+    (tmp_path / "final_prompt.npz").unlink()
+    restarted.aggregate(context(states[2]))
     with np.load(tmp_path / "final_prompt.npz") as prompt:
         assert str(prompt["model_name"]) == str(tiny_roberta) and int(prompt["hidden_size"]) == 32
         assert prompt["soft_prompt"].shape == (4, 32)
+    sizes = [wire_bytes(site_result("site-1", m.params, m.meta, m.metrics)) for m in sent[1:]]
+    print(f"answer with the description {sizes[0]} bytes, without {sizes[1]}")
+    assert sizes[0] - sizes[1] >= 0.75 * len(json.dumps(description))  # the wire packs it tighter than JSON
 
 
 class _Engine:

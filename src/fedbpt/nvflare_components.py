@@ -126,7 +126,7 @@ class FedBPTAggregator(Aggregator):
         self.guard = Guard(selection, float(confidence), restore_after, float(restore_shrink))
         self.reports: list[SiteReport] = []  # in the order they arrived
         self.refused: dict[str, str] = {}
-        self.descriptions: dict[str, dict] = {}  # each site's latest description (sent with every result)
+        self.descriptions: dict[str, dict] = {}  # each site's latest description heard (the state keeps them too)
         self.known_sites: set[str] = set()
         self.late: dict[str, dict] = {}  # late answers' measurements of an earlier round's prompt
         self.round_started = time.perf_counter()
@@ -190,9 +190,11 @@ class FedBPTAggregator(Aggregator):
         learnable = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
         if "dev_loss" not in metrics or not isinstance(learnable, ModelLearnable):
             return
+        state = _state(learnable)
+        description = self.descriptions.get(site) or state.known_descriptions().get(site, {})
         report = SiteReport(site, result, metrics, fingerprint=str(meta.get("fingerprint", "")),
-                            description=self.descriptions.get(site, {}))  # fmt: skip
-        if check_measurement(report, _state(learnable)) is None:
+                            description=description)  # fmt: skip
+        if check_measurement(report, state) is None:
             figures = {k: metrics[k] for k in LATE_FIGURES if k in metrics}
             self.late[site] = {"round": round_, **figures}
 
@@ -215,7 +217,7 @@ class FedBPTAggregator(Aggregator):
             seconds=round(time.perf_counter() - self.round_started, 3),
         )
         self.recorder = self.recorder or RunRecorder(run_dir(fl_ctx), self.guard)
-        self.recorder.record(row, new_state, self.descriptions.get(new_state.fingerprint_site))
+        self.recorder.record(row, new_state, new_state.known_descriptions().get(new_state.fingerprint_site))
         self.send_scalars(row, fl_ctx)
         self.log_info(
             fl_ctx,

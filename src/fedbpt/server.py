@@ -279,6 +279,17 @@ def guard_search(before: ServerState, after: ServerState, dev_loss: float | None
     return restored, {"to_round": before.best_round, "after_rounds": stale, "sigma": restored.sigma}
 
 
+def remember_descriptions(state: ServerState, reports: list[SiteReport]) -> tuple[ServerState, list[SiteReport]]:
+    """Keep every site's latest description in the state, and give each report without one the description
+    the state holds of its site (a site sends it only when the broadcast shows the server lacks it)."""
+    known = state.known_descriptions()
+    for r in reports:
+        if r.description:
+            known[r.site] = r.description
+    filled = [r if r.description else replace(r, description=known.get(r.site, {})) for r in reports]
+    return replace(state, descriptions=json.dumps(known, sort_keys=True) if known else ""), filled
+
+
 def _number(value: float | None) -> float:
     return math.nan if value is None else float(value)
 
@@ -303,6 +314,7 @@ def aggregate_round(
     never on test (see ``compare_with_best``), and ``guard`` may send the search back to it (``guard_search``).
     Every site left out is named with why.
     """
+    state, reports = remember_descriptions(state, reports)
     state = choose_reference(state, reports, max_step)
     reference = next((r.description for r in reports if r.site == state.fingerprint_site and r.description), None)
     if reference is None and state.fingerprint:

@@ -63,7 +63,6 @@ def run_federation(
     sites = [FedBPTClient(cfg, f"site-{i + 1}", blackbox, data) for i in range(num_sites or cfg.num_users)]
     state = init_state(cfg.intrinsic_dim or server.intrinsic_dim, server.sigma, cfg.seed, server.covariance)
     recorder = RunRecorder(run_dir, server.guard)
-    descriptions: dict[str, dict] = {}
     rows = []
     for _ in range(server.num_rounds):
         t0 = time.perf_counter()
@@ -71,7 +70,7 @@ def run_federation(
         reports = []
         for site in sites:
             result, metrics = site.run_round(start)
-            descriptions.setdefault(site.site, site.description())
+            description = site.description()
             params, meta = encode_up(result)
             if privacy is not None and privacy.enabled:  # what the filter does to the message, on the site
                 rng = np.random.default_rng([cfg.seed, site_index(site.site, len(sites)), start.round, 0x9D])
@@ -82,7 +81,7 @@ def run_federation(
                     decode_up(params, meta),
                     metrics,
                     fingerprint=site.blackbox.fingerprint,
-                    description=descriptions[site.site],
+                    description={} if start.knows(site.site, description) else description,
                 )
             )
         previous = state
@@ -91,7 +90,7 @@ def run_federation(
         if on_round is not None:
             on_round(previous, reports, state)
         row["seconds"] = round(time.perf_counter() - t0, 3)
-        recorder.record(row, state, descriptions.get(state.fingerprint_site))
+        recorder.record(row, state, state.known_descriptions().get(state.fingerprint_site))
         recorder.save_state(state)
         rows.append(row)
         if server.patience and previous.round - state.best_round >= server.patience:
