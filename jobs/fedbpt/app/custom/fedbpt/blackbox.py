@@ -446,14 +446,35 @@ class BlackBox:
 
     def evaluate(self, z: np.ndarray, batch: Batch) -> tuple[float, float]:
         """(loss, metric) of one prompt z on a batch of examples."""
+        return self.evaluate_examples(z, batch)[:2]
+
+    def evaluate_examples(self, z: np.ndarray, batch: Batch) -> tuple[float, float, np.ndarray]:
+        """(loss, metric, each example's loss in the batch's row order) of one prompt z. The loss is the mean
+        of the examples' losses, except for ``--loss_type perf`` on a task scored by F1, whose examples get
+        no loss of their own (an empty array)."""
         scores = self.class_scores(np.atleast_2d(z), batch)
         finite = torch.isfinite(scores).all()
-        both = torch.stack([self.loss_tensor(scores, batch.labels)[0], self.metric_tensor(scores, batch.labels)[0],
+        per_example = self.example_losses(scores[0], batch.labels)
+        head = torch.stack([self.loss_tensor(scores, batch.labels)[0], self.metric_tensor(scores, batch.labels)[0],
                             finite.double()])  # fmt: skip
-        loss, metric, ok = both.cpu().tolist()  # one copy to the host
-        if not ok:
+        both = head if per_example is None else torch.cat([head, per_example])
+        values = both.cpu().numpy()  # one copy to the host
+        if not values[2]:
             raise self.overflow_error()
-        return float(loss), float(metric)
+        return float(values[0]), float(values[1]), values[3:].copy()
+
+    def example_losses(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """Each example's loss (n,) from one prompt's scores (n, C), on the scores' device; None where the
+        loss is not a mean over examples (perf on a task scored by F1)."""
+        target = labels.to(scores.device)
+        loss_type = self.cfg.loss_type
+        if loss_type == "ce":
+            return F.cross_entropy(scores, target, reduction="none").double()
+        if loss_type == "hinge":
+            return F.multi_margin_loss(scores, target, margin=2.0, reduction="none").double()
+        if loss_type == "perf" and self.task.metric != "f1":
+            return -(scores.argmax(-1) == target).double()
+        return None
 
     def fitness(self, z: np.ndarray, rows: Batch, n_clean: int | None = None) -> np.ndarray:
         """Lower is better: the loss on the clean examples, divided by the loss on their perturbed copies

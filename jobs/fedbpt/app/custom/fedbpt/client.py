@@ -96,6 +96,7 @@ class FedBPTClient:
         self.train = self.blackbox.encode(train)
         self.dev = self.blackbox.encode(data.dev.subset(dev_shard[self.index]))
         self.test = self.blackbox.encode(data.test) if self.evaluator and data.test is not None else None
+        self.dev_losses = np.zeros(0)  # the last evaluated prompt's loss on each dev example
         log.info("%s: %d train examples (per class %s), %d dev, %s test", site, len(self.train),
                  counts.tolist(), len(self.dev), len(self.test) if self.test is not None else "no")  # fmt: skip
 
@@ -115,9 +116,10 @@ class FedBPTClient:
         self.blackbox.use_dim(start.dim)
 
     def evaluate(self, z: np.ndarray) -> dict[str, float]:
-        """The received prompt's dev loss and metric on this site's dev shard (and test, if an evaluator)."""
+        """The received prompt's dev loss and metric on this site's dev shard (and test, if an evaluator).
+        Each dev example's loss is kept in ``dev_losses`` for the result (the server's paired test)."""
         metrics: dict[str, float] = {"n_dev": float(len(self.dev)), "n_train": float(len(self.train))}
-        metrics["dev_loss"], metrics["dev_acc"] = self.blackbox.evaluate(z, self.dev)
+        metrics["dev_loss"], metrics["dev_acc"], self.dev_losses = self.blackbox.evaluate_examples(z, self.dev)
         if self.test is not None:
             metrics["test_loss"], metrics["test_acc"] = self.blackbox.evaluate(z, self.test)
             metrics["n_test"] = float(len(self.test))
@@ -144,7 +146,8 @@ class FedBPTClient:
         def objective(z: np.ndarray) -> np.ndarray:
             return bb.fitness(z, rows, n_clean=len(self.train))
 
-        result = local_search(objective, start, self.cfg.local_popsize, self.cfg.local_iter, seed)
+        result = replace(local_search(objective, start, self.cfg.local_popsize, self.cfg.local_iter, seed),
+                         dev_losses=self.dev_losses)  # fmt: skip
         metrics.update(local_fitness=result.fitness, local_sigma=float(result.sigmas[-1]),
                        padded_tokens=float(bb.padded_tokens - tokens[0]),
                        attended_tokens=float(bb.attended_tokens - tokens[1]),

@@ -30,7 +30,7 @@ from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 from nvflare.fuel.utils import fobs
 
 from .search import COVARIANCES, MAX_STEP, STEP_RULES, ServerState, decode_up, encode_down, init_state, load_state
-from .server import STATE_FILE, RunRecorder, SiteReport, aggregate_round, check_measurement
+from .server import STATE_FILE, Guard, RunRecorder, SiteReport, aggregate_round, check_measurement
 
 # The global figures of each round that the aggregator sends to TensorBoard (the same tags as the sites'
 # scalars, so that TensorBoard draws the server's curve beside each site's).
@@ -111,16 +111,22 @@ class FedBPTAggregator(Aggregator):
     to an earlier round is logged, and its measurement of that round's prompt recorded under ``late``. A site
     heard from before that does not answer is named as missing."""
 
-    def __init__(self, step_rule: str = "eq6", max_step: float = MAX_STEP):
+    def __init__(self, step_rule: str = "eq6", max_step: float = MAX_STEP, selection: str = Guard.selection,
+                 confidence: float = Guard.confidence, restore_after: int = Guard.restore_after,
+                 restore_shrink: float = Guard.restore_shrink):  # fmt: skip
         super().__init__()
         if step_rule not in STEP_RULES:
             raise ValueError(f"aggregator step_rule must be one of {STEP_RULES}, got {step_rule!r}")
         if not max_step > 0:
             raise ValueError(f"aggregator max_step must be > 0, got {max_step}")
         self.step_rule, self.max_step = step_rule, float(max_step)
+        # kept as given too: NVFlare's Job API exports a component's arguments from its attributes
+        self.selection, self.confidence = selection, confidence
+        self.restore_after, self.restore_shrink = restore_after, restore_shrink
+        self.guard = Guard(selection, float(confidence), restore_after, float(restore_shrink))
         self.reports: list[SiteReport] = []  # in the order they arrived
         self.refused: dict[str, str] = {}
-        self.descriptions: dict[str, dict] = {}  # each site's latest description (sent with every result)
+        self.descriptions: dict[str, dict] = {}  # each site's latest description heard (the state keeps them too)
         self.known_sites: set[str] = set()
         self.late: dict[str, dict] = {}  # late answers' measurements of an earlier round's prompt
         self.round_started = time.perf_counter()
@@ -184,9 +190,11 @@ class FedBPTAggregator(Aggregator):
         learnable = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
         if "dev_loss" not in metrics or not isinstance(learnable, ModelLearnable):
             return
+        state = _state(learnable)
+        description = self.descriptions.get(site) or state.known_descriptions().get(site, {})
         report = SiteReport(site, result, metrics, fingerprint=str(meta.get("fingerprint", "")),
-                            description=self.descriptions.get(site, {}))  # fmt: skip
-        if check_measurement(report, _state(learnable)) is None:
+                            description=description)  # fmt: skip
+        if check_measurement(report, state) is None:
             figures = {k: metrics[k] for k in LATE_FIGURES if k in metrics}
             self.late[site] = {"round": round_, **figures}
 
@@ -196,7 +204,7 @@ class FedBPTAggregator(Aggregator):
         self.reports, self.refused = [], {}
         try:
             new_state, row = aggregate_round(state, reports, self.step_rule, self.max_step, refused,
-                                             expected=sorted(self.known_sites))  # fmt: skip
+                                             expected=sorted(self.known_sites), guard=self.guard)  # fmt: skip
         except RuntimeError as e:
             self.log_error(fl_ctx, str(e))
             raise
@@ -208,8 +216,8 @@ class FedBPTAggregator(Aggregator):
             bytes_down=wire_bytes(_broadcast(state)),
             seconds=round(time.perf_counter() - self.round_started, 3),
         )
-        self.recorder = self.recorder or RunRecorder(run_dir(fl_ctx))
-        self.recorder.record(row, new_state, self.descriptions.get(new_state.fingerprint_site))
+        self.recorder = self.recorder or RunRecorder(run_dir(fl_ctx), self.guard)
+        self.recorder.record(row, new_state, new_state.known_descriptions().get(new_state.fingerprint_site))
         self.send_scalars(row, fl_ctx)
         self.log_info(
             fl_ctx,
@@ -217,7 +225,8 @@ class FedBPTAggregator(Aggregator):
             + (f", test acc {row['test_acc']:.4f}" if row["test_acc"] is not None else "")
             + f", sigma {row['sigma']:.4g} -> {row['next_sigma']:.4g}, {len(row['sites'])} sites"
             + "".join(f"; left out {site}: {why}" for site, why in row["dropped"].items())
-            + (f"; missing {', '.join(row['missing'])}" if row["missing"] else ""),
+            + (f"; missing {', '.join(row['missing'])}" if row["missing"] else "")
+            + (f"; restored to round {row['restored']['to_round']}'s mean" if row["restored"] else ""),
         )
         return DXO(DataKind.WEIGHTS, data=new_state.to_arrays()).to_shareable()
 

@@ -23,6 +23,7 @@ from nvflare.recipe.utils import add_experiment_tracking
 from .nvflare_components import FedBPTAggregator, FedBPTPersistor, FedBPTScatterAndGather, FedBPTShareableGenerator
 from .nvflare_privacy import ClipAndNoiseUpdate, RecordBroadcastMean
 from .search import MAX_STEP
+from .server import Guard
 
 SRC = Path(__file__).resolve().parents[1]  # what `nvflare job create -sd ./src` copies into app/custom
 SITE_SCRIPT = "fedbpt_train.py"
@@ -53,6 +54,10 @@ class FedBPTRecipe(Recipe):
         step_rule: str = "eq6",
         max_step: float = MAX_STEP,
         patience: int = 0,
+        selection: str = Guard.selection,
+        confidence: float = Guard.confidence,
+        restore_after: int = Guard.restore_after,
+        restore_shrink: float = Guard.restore_shrink,
         wait_time_after_min_received: int = 0,
         resume_from: str = "",
         clip_norm: float = 0.0,
@@ -77,7 +82,10 @@ class FedBPTRecipe(Recipe):
         job.to_server(workflow, id="scatter_and_gather")
         job.to_server(FedBPTPersistor(intrinsic_dim, sigma, seed, covariance, resume_from), id="persistor")
         job.to_server(FedBPTShareableGenerator(), id="shareable_generator")
-        job.to_server(FedBPTAggregator(step_rule=step_rule, max_step=max_step), id="aggregator")
+        aggregator = FedBPTAggregator(step_rule=step_rule, max_step=max_step, selection=selection,
+                                      confidence=confidence, restore_after=restore_after,
+                                      restore_shrink=restore_shrink)  # fmt: skip
+        job.to_server(aggregator, id="aggregator")
         job.to_server(str(SRC))  # app/custom gets src/, as `nvflare job create -sd ./src` copies it
         runner = ScriptRunner(
             script=str(SRC / SITE_SCRIPT),

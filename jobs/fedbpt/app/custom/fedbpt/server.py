@@ -27,12 +27,58 @@ FINAL_PROMPT_FILE = "final_prompt.npz"
 COUNTS = ("n_train", "n_dev", "n_test")
 LOSSES = ("dev_loss", "test_loss")
 SCORES = ("dev_acc", "test_acc")  # accuracy, or F1 for tasks scored by F1
-# How the best round is chosen, as summary.json says it.
-SELECTION = (
-    "a round beats the best round so far when its dev loss, weighted by the sites' dev examples, is lower over "
-    "the sites whose dev figures both rounds hold (dev_sites and compared_on in metrics.jsonl); with no site "
-    "in common, over all of each round's sites"
-)
+SELECTIONS = ("bootstrap", "lowest")
+BOOTSTRAP_SAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Guard:
+    """How the server keeps the best prompt, and keeps the search from walking away from it (the aggregator's
+    keys of the same names).
+
+    ``selection``: ``bootstrap`` (a round replaces the best one only when a paired bootstrap over the dev
+    examples both rounds measured finds its dev loss lower with ``confidence``), or ``lowest`` (any lower
+    dev loss wins: the paper's rule). The best round starts as round 0, z = 0: the model without a prompt.
+    ``restore_after``: after this many rounds in a row without a lower pooled dev loss than the lowest since
+    the best round changed (or since the last restore), the search returns to the best round's mean with
+    its step size times ``restore_shrink`` (0: never)."""
+
+    selection: str = "bootstrap"
+    confidence: float = 0.9
+    restore_after: int = 4
+    restore_shrink: float = 0.5
+
+    def __post_init__(self):
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"aggregator selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if not 0.5 <= self.confidence < 1.0:
+            raise ValueError(f"aggregator confidence must be in [0.5, 1), got {self.confidence!r}")
+        if not (isinstance(self.restore_after, int) and self.restore_after >= 0):
+            raise ValueError(f"aggregator restore_after must be a whole number >= 0, got {self.restore_after!r}")
+        if not 0.0 < self.restore_shrink <= 1.0:
+            raise ValueError(f"aggregator restore_shrink must be in (0, 1], got {self.restore_shrink!r}")
+
+    def describe(self) -> str:
+        """How the best round is chosen and when the search is restored, as summary.json says it."""
+        if self.selection == "bootstrap":
+            rule = (
+                "round 0 (z = 0, no prompt) is the first best round; a later round replaces the best one when its "
+                "dev loss is lower on the dev examples both rounds measured, with probability at least "
+                f"{self.confidence:g} by a paired bootstrap ({BOOTSTRAP_SAMPLES} resamples) of the per-example "
+                "differences; where the sites sent no per-example losses, when its dev loss over those sites is lower"
+            )
+        else:
+            rule = (
+                "a round beats the best round so far when its dev loss, weighted by the sites' dev examples, is lower"
+                " over the sites whose dev figures both rounds hold"
+            )
+        rule += " (dev_sites and compared_on in metrics.jsonl; with no site in common, over all of each round's sites)"
+        if self.restore_after:
+            rule += (
+                f"; after {self.restore_after} rounds in a row without a lower dev loss the search returns to the best "
+                f"round's mean with its step size times {self.restore_shrink:g} (restored in metrics.jsonl)"
+            )
+        return rule
 
 
 @dataclass
@@ -170,18 +216,78 @@ def _dev_loss(figures: dict[str, list[float]], sites: list[str]) -> float:
     return sum(figures[s][0] * figures[s][2] for s in sites) / total
 
 
-def compare_with_best(figures: dict[str, list[float]], state: ServerState) -> tuple[bool, list[str]]:
-    """Whether this round's dev figures beat the best round's, and the sites compared on: those whose dev
-    figures both rounds hold, so that a round does not win because a site with a hard shard was absent."""
+def compare_with_best(figures: dict[str, list[float]], examples: dict[str, list[float]], state: ServerState,
+                      guard: Guard = Guard()) -> tuple[bool, list[str], float | None]:  # fmt: skip
+    """Whether this round's dev figures beat the best round's, the sites compared on, and the bootstrap's
+    probability that this round's dev loss is lower (None where no paired test ran).
+
+    Rounds are compared on the sites whose dev figures both hold, so that a round does not win because a
+    site with a hard shard was absent; with ``bootstrap`` selection, on those sites' dev examples, paired."""
     if not figures:
-        return False, []
+        return False, [], None
     if state.best_round < 0:
-        return True, sorted(figures)
+        return True, sorted(figures), None
     best = json.loads(state.best_sites) if state.best_sites else {}
     common = sorted(set(figures) & set(best))
     if not common:  # nothing in common (or a checkpoint without per-site figures): the rounds as they are
-        return _dev_loss(figures, sorted(figures)) < state.best_dev_loss, []
-    return _dev_loss(figures, common) < _dev_loss(best, common), common
+        return _dev_loss(figures, sorted(figures)) < state.best_dev_loss, [], None
+    lower = _dev_loss(figures, common) < _dev_loss(best, common)
+    if guard.selection == "lowest":
+        return lower, common, None
+    best_examples = json.loads(state.best_examples) if state.best_examples else {}
+    paired = [s for s in common if s in examples and len(examples[s]) == len(best_examples.get(s, ()))]
+    if not paired:
+        return lower, common, None
+    diffs = np.concatenate([np.subtract(examples[s], best_examples[s]) for s in paired])
+    p_lower = paired_bootstrap(diffs, np.random.default_rng([state.seed, state.round, 0xB007]))
+    return bool(diffs.mean() < 0 and p_lower >= guard.confidence), paired, p_lower
+
+
+def paired_bootstrap(diffs: np.ndarray, rng: np.random.Generator, samples: int = BOOTSTRAP_SAMPLES) -> float:
+    """The fraction of bootstrap resamples of the paired differences (new - best) whose mean is below 0."""
+    picks = rng.integers(0, diffs.size, size=(samples, diffs.size))
+    return float(np.mean(diffs[picks].mean(axis=1) < 0))
+
+
+def _examples(report: SiteReport) -> list[float] | None:
+    """The site's per-example dev losses, if they agree with its dev figures (count and mean)."""
+    losses = report.result.dev_losses
+    n_dev, dev_loss = report.metrics.get("n_dev"), report.metrics.get("dev_loss")
+    if losses.size == 0 or n_dev is None or dev_loss is None or losses.size != int(n_dev):
+        return None
+    if not (np.all(np.isfinite(losses)) and abs(float(losses.mean()) - dev_loss) <= 1e-3 + 1e-3 * abs(dev_loss)):
+        return None
+    return losses.tolist()
+
+
+def guard_search(before: ServerState, after: ServerState, dev_loss: float | None, better: bool,
+                 guard: Guard) -> tuple[ServerState, dict | None]:  # fmt: skip
+    """The guard's step after the update ``before`` -> ``after``: count the rounds since the pooled dev loss
+    was last lowered, and once there are ``restore_after`` of them send the search back to the best mean
+    with a smaller step. Returns the state and, when the search was restored, what the row says of it."""
+    lowest, stale = (math.inf, 0) if better else (before.lowest_dev_loss, before.stale)
+    if dev_loss is not None and dev_loss < lowest:
+        lowest, stale = dev_loss, 0
+    elif not better:
+        stale += 1
+    if not guard.restore_after or stale < guard.restore_after or before.best_round < 0:
+        return replace(after, lowest_dev_loss=lowest, stale=stale), None
+    restored = replace(after, mean=before.best_mean.copy(), sigma=before.sigma * guard.restore_shrink,
+                       p_sigma=np.zeros_like(before.p_sigma), p_c=np.zeros_like(before.p_c), cov=before.cov.copy(),
+                       path_round=after.round, lowest_dev_loss=math.inf, stale=0,
+                       restores=before.restores + 1)  # fmt: skip
+    return restored, {"to_round": before.best_round, "after_rounds": stale, "sigma": restored.sigma}
+
+
+def remember_descriptions(state: ServerState, reports: list[SiteReport]) -> tuple[ServerState, list[SiteReport]]:
+    """Keep every site's latest description in the state, and give each report without one the description
+    the state holds of its site (a site sends it only when the broadcast shows the server lacks it)."""
+    known = state.known_descriptions()
+    for r in reports:
+        if r.description:
+            known[r.site] = r.description
+    filled = [r if r.description else replace(r, description=known.get(r.site, {})) for r in reports]
+    return replace(state, descriptions=json.dumps(known, sort_keys=True) if known else ""), filled
 
 
 def _number(value: float | None) -> float:
@@ -195,6 +301,7 @@ def aggregate_round(
     max_step: float = MAX_STEP,
     refused: dict[str, str] | None = None,
     expected: list[str] | None = None,
+    guard: Guard = Guard(),
 ) -> tuple[ServerState, dict]:
     """The next global state and this round's metrics row.
 
@@ -204,8 +311,10 @@ def aggregate_round(
     weighted by the sites' dev examples, and its test accuracy where evaluator sites measured it. They come
     from every site whose measurement is valid, also when its search result is not (``dev_sites`` names
     them); the search update uses the sites in ``sites``. The best prompt is chosen on the dev loss alone,
-    never on test (see ``compare_with_best``). Every site left out is named with why.
+    never on test (see ``compare_with_best``), and ``guard`` may send the search back to it (``guard_search``).
+    Every site left out is named with why.
     """
+    state, reports = remember_descriptions(state, reports)
     state = choose_reference(state, reports, max_step)
     reference = next((r.description for r in reports if r.site == state.fingerprint_site and r.description), None)
     if reference is None and state.fingerprint:
@@ -250,18 +359,24 @@ def aggregate_round(
     for key in ("padded_tokens", "attended_tokens", "nonfinite_candidates"):
         if any(key in r.metrics for r in used):
             row[key] = int(sum(r.metrics.get(key, 0) for r in used))
-    better, row["compared_on"] = compare_with_best(figures, state)
+    examples = {r.site: e for r in measured if r.site in figures and (e := _examples(r)) is not None}
+    better, row["compared_on"], row["p_better"] = compare_with_best(figures, examples, state, guard)
     if better:
         state = replace(state, best_round=state.round, best_dev_loss=row["dev_loss"], best_mean=state.mean.copy(),
                         best_dev_acc=_number(row["dev_acc"]), best_test_acc=_number(row["test_acc"]),
-                        best_sites=json.dumps(figures, sort_keys=True))  # fmt: skip
+                        best_sites=json.dumps(figures, sort_keys=True),
+                        best_examples=json.dumps(examples, sort_keys=True))  # fmt: skip
     update = update_with_clipping(state, [r.result for r in used], step_rule)
     row["clipped"] = {r.site: round(float(f), 4) for r, f in zip(used, update.clipped) if f < 1.0}
     for site, factor in row["clipped"].items():
         log.warning("round %d: the step of %s was clipped to %.3g of its length", state.round, site, factor)
-    row["next_sigma"] = update.state.sigma
-    row["best_round"] = update.state.best_round
-    return update.state, row
+    new, row["restored"] = guard_search(state, update.state, row["dev_loss"], better, guard)
+    if row["restored"]:
+        log.warning("round %d: no lower dev loss for %d rounds; the search returns to round %d's mean with sigma "
+                    "%.4g", state.round, row["restored"]["after_rounds"], state.best_round, new.sigma)  # fmt: skip
+    row["next_sigma"] = new.sigma
+    row["best_round"] = new.best_round
+    return new, row
 
 
 def _figure(value: float) -> float | None:
@@ -279,8 +394,8 @@ def _fewer_dev_sites(rows: list[dict]) -> dict[str, list[str]]:
 class RunRecorder:
     """Writes a run's outputs into one directory: metrics, summary, prompts (and the checkpoint on request)."""
 
-    def __init__(self, run_dir: str):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: str, guard: Guard = Guard()):
+        self.run_dir, self.guard = run_dir, guard
         os.makedirs(run_dir, exist_ok=True)
         self._projection: tuple[tuple, np.ndarray] | None = None
 
@@ -308,7 +423,8 @@ class RunRecorder:
             "final_round": rows[-1]["round"],
             "final_dev_acc": rows[-1]["dev_acc"],
             "final_test_acc": rows[-1]["test_acc"],
-            "selection": SELECTION,
+            "selection": self.guard.describe(),
+            "restores": state.restores,
             "rounds_with_fewer_dev_sites": _fewer_dev_sites(rows),
         }
         with open(self.path(SUMMARY_FILE), "w") as f:

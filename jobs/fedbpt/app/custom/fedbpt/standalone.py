@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,7 +24,7 @@ from .config import ClientConfig, parse_args
 from .data import site_index
 from .privacy import UploadPrivacy, privatize
 from .search import COVARIANCES, STEP_RULES, ServerState, decode_down, decode_up, encode_down, encode_up, init_state
-from .server import RunRecorder, SiteReport, aggregate_round
+from .server import SELECTIONS, Guard, RunRecorder, SiteReport, aggregate_round
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class ServerConfig:
     step_rule: str = "eq6"
     covariance: str = "diag"
     patience: int = 0  # stop after this many rounds without a better dev loss (0: never)
+    guard: Guard = field(default_factory=Guard)  # selection of the best round, and the restore
 
 
 def run_federation(
@@ -61,8 +62,7 @@ def run_federation(
     data = load_task_data(cfg, with_test=bool(cfg.evaluators))
     sites = [FedBPTClient(cfg, f"site-{i + 1}", blackbox, data) for i in range(num_sites or cfg.num_users)]
     state = init_state(cfg.intrinsic_dim or server.intrinsic_dim, server.sigma, cfg.seed, server.covariance)
-    recorder = RunRecorder(run_dir)
-    descriptions: dict[str, dict] = {}
+    recorder = RunRecorder(run_dir, server.guard)
     rows = []
     for _ in range(server.num_rounds):
         t0 = time.perf_counter()
@@ -70,7 +70,7 @@ def run_federation(
         reports = []
         for site in sites:
             result, metrics = site.run_round(start)
-            descriptions.setdefault(site.site, site.description())
+            description = site.description()
             params, meta = encode_up(result)
             if privacy is not None and privacy.enabled:  # what the filter does to the message, on the site
                 rng = np.random.default_rng([cfg.seed, site_index(site.site, len(sites)), start.round, 0x9D])
@@ -81,15 +81,16 @@ def run_federation(
                     decode_up(params, meta),
                     metrics,
                     fingerprint=site.blackbox.fingerprint,
-                    description=descriptions[site.site],
+                    description={} if start.knows(site.site, description) else description,
                 )
             )
         previous = state
-        state, row = aggregate_round(state, reports, server.step_rule, expected=[s.site for s in sites])
+        state, row = aggregate_round(state, reports, server.step_rule, expected=[s.site for s in sites],
+                                     guard=server.guard)  # fmt: skip
         if on_round is not None:
             on_round(previous, reports, state)
         row["seconds"] = round(time.perf_counter() - t0, 3)
-        recorder.record(row, state, descriptions.get(state.fingerprint_site))
+        recorder.record(row, state, state.known_descriptions().get(state.fingerprint_site))
         recorder.save_state(state)
         rows.append(row)
         if server.patience and previous.round - state.best_round >= server.patience:
@@ -109,18 +110,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step_rule", choices=STEP_RULES, default=ServerConfig.step_rule)
     parser.add_argument("--covariance", choices=COVARIANCES, default=ServerConfig.covariance)
     parser.add_argument("--patience", type=int, default=0, help="early stop after N rounds without a better dev loss")
+    parser.add_argument("--selection", choices=SELECTIONS, default=Guard.selection,
+                        help="bootstrap: a round replaces the best one only when a paired bootstrap finds its dev loss "
+                        "lower with --confidence; lowest: any lower dev loss")  # fmt: skip
+    parser.add_argument("--confidence", type=float, default=Guard.confidence, help="see --selection")
+    parser.add_argument(
+        "--restore_after",
+        type=int,
+        default=Guard.restore_after,
+        help="rounds with no lower dev loss before the search goes back to the best mean (0: off)",
+    )
+    parser.add_argument("--restore_shrink", type=float, default=Guard.restore_shrink,
+                        help="the step size's factor when the search is restored")  # fmt: skip
     parser.add_argument("--clip_norm", type=float, default=0.0, help="clip each upload's update to this norm (0: off)")
     parser.add_argument("--noise_multiplier", type=float, default=0.0,
                         help="add N(0, (this x clip_norm)^2) to each coordinate of each upload's update")  # fmt: skip
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    server = ServerConfig(num_rounds=args.num_rounds, intrinsic_dim=args.intrinsic_dim, sigma=args.server_sigma,
-                          step_rule=args.step_rule, covariance=args.covariance, patience=args.patience)  # fmt: skip
     try:
+        guard = Guard(args.selection, args.confidence, args.restore_after, args.restore_shrink)
         privacy = UploadPrivacy(args.clip_norm, args.noise_multiplier)
     except ValueError as e:
-        parser.error(f"--{e}")
+        parser.error(f"--{str(e).removeprefix('aggregator ')}")
+    server = ServerConfig(num_rounds=args.num_rounds, intrinsic_dim=args.intrinsic_dim, sigma=args.server_sigma,
+                          step_rule=args.step_rule, covariance=args.covariance, patience=args.patience,
+                          guard=guard)  # fmt: skip
     run_federation(parse_args(argv[split + 1 :]), server, args.run_dir, privacy=privacy)
 
 
