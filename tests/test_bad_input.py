@@ -73,6 +73,9 @@ def test_server_inputs_get_an_error_that_names_the_key(tmp_path, monkeypatch):
     with pytest.raises(ValueError) as err:
         FedBPTAggregator(step_rule="eq7")
     assert "aggregator step_rule must be one of ('eq6', 'example'), got 'eq7'" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        FedBPTAggregator(confidence=1.0)
+    assert "aggregator confidence must be in [0.5, 1), got 1.0" in str(err.value)
 
 
 def test_every_row_of_the_readme_table_is_tested():

@@ -251,6 +251,8 @@ def test_job_py_rejects_bad_flags_naming_them(tmp_path):
     assert proc.returncode == 2 and "--num_rounds must be >= 1, got 0" in proc.stderr
     proc = job_py("--export-dir", str(tmp_path))
     assert proc.returncode == 2 and "--export-dir needs --export" in proc.stderr
+    proc = job_py("--restore_after", "-1")
+    assert proc.returncode == 2 and "--restore_after must be a whole number >= 0, got -1" in proc.stderr
     assert list(tmp_path.iterdir()) == []
 
 
