@@ -196,6 +196,40 @@ def test_embeddings_place_weighs_the_prompt_less_on_real_minilm(minilm_dir, exam
     assert moved["word_embeddings"] > 5 * moved["embeddings"]
 
 
+def moved_at_the_place(bb: BlackBox, batch, z: np.ndarray) -> float:
+    """How far the prompt ``z`` moves the placeholder rows where it enters, as a share of their norm (mean)."""
+    seen = []
+    handle = bb.place.register_forward_hook(lambda m, i, out: seen.append(out.detach().clone()))
+    try:
+        bb.class_scores(np.zeros((1, z.size)), batch)
+        bb.class_scores(z[None], batch)
+    finally:
+        handle.remove()
+    at = batch.prompt[0]
+    return float(((seen[1] - seen[0])[0, at].norm(dim=-1) / seen[0][0, at].norm(dim=-1)).mean())
+
+
+def test_relative_prompt_scale_moves_the_placeholders_by_rho_at_either_place(minilm_dir, tiny_causal, examples):
+    """--prompt_scale relative: a first-round prompt (z ~ N(0, I), sigma 1) moves the placeholder rows of a
+    real example by rho of their norm, at both places of the real all-MiniLM-L6-v2 and on a Llama, where BBT's
+    scale moves them by amounts 7 times apart. The scale is part of the fingerprint."""
+    z = np.random.default_rng(0).normal(size=500)
+    moved = {}
+    for model, place in ((minilm_dir, "embeddings"), (minilm_dir, "word_embeddings"), (tiny_causal, "auto")):
+        for scale in ("bbt", "relative"):
+            bb = make(model, prompt_at=place, intrinsic_dim=500, n_prompt_tokens=10, prompt_scale=scale, rho=0.15)
+            moved[(model.name, bb.prompt_at, scale)] = moved_at_the_place(bb, bb.encode(examples.subset([3])), z)
+    for key, value in moved.items():
+        print(f"{key}: a first-round prompt moves a placeholder by {value:.1%} of its norm")
+    relative = [v for (_, _, scale), v in moved.items() if scale == "relative"]
+    assert all(0.15 * 0.8 < v < 0.15 * 1.25 for v in relative)
+    assert moved[(minilm_dir.name, "word_embeddings", "bbt")] > 5 * moved[(minilm_dir.name, "embeddings", "bbt")]
+    bbt = make(minilm_dir, intrinsic_dim=500, n_prompt_tokens=10)
+    other = make(minilm_dir, intrinsic_dim=500, n_prompt_tokens=10, prompt_scale="relative", rho=0.15)
+    assert other.fingerprint != bbt.fingerprint and other.description()["rho"] == 0.15
+    assert "prompt_scale" not in bbt.description()  # BBT's fingerprints are those of the runs before the flag
+
+
 def test_causal_models_take_the_prompt_at_the_input_embeddings(tiny_causal):
     assert make(tiny_causal).prompt_at == "word_embeddings"
     with pytest.raises(ValueError, match="--prompt_at embeddings: .* has no embeddings block; use --prompt_at word"):

@@ -62,8 +62,9 @@ def minilm_prompt(minilm_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def causal_prompt(tiny_causal, tmp_path_factory) -> Path:
+    """A prompt for the tiny Llama, with --prompt_scale relative: predict and export rebuild its scale."""
     bb = BlackBox(BlackBoxConfig(model_name=str(tiny_causal), task=get_task("sst2"), n_prompt_tokens=4,
-                                 intrinsic_dim=16, seed=2, alpha=50.0))  # fmt: skip
+                                 intrinsic_dim=16, seed=2, prompt_scale="relative", rho=2.0))  # fmt: skip
     return write_prompt(tmp_path_factory.mktemp("causal-run"), bb, np.random.default_rng(1).normal(size=16))
 
 

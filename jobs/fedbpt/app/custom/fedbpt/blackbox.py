@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .data import Split
 from .encoding import Batch, Encoder
-from .search import projection, projection_fingerprint, projection_scale
+from .search import projection, projection_fingerprint, projection_scale, relative_scale
 from .tasks import Task
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Where the prompt is added: "embeddings", the embeddings block's output (BBT's place), or
 # "word_embeddings", the input-embedding module (the only place a decoder-only model offers).
 PROMPT_PLACES = ("auto", "embeddings", "word_embeddings")
+PROMPT_SCALES = ("bbt", "relative")
+# The text around which the placeholder rows are measured for --prompt_scale relative: any fixed text does
+# (a row's value at the place depends on its token and position, not on the text), and every site uses it.
+REFERENCE_TEXT = "a"
 # What "auto" means for each kind of model. Masked LMs: the paper's and BBT's place. Sentence encoders: the
 # input embeddings, measured on all-MiniLM-L6-v2 (README, Results): there the search reached a lower pooled
 # dev loss on SST-2 in all 3 seeds, for FedBPT and FedAvg-BBT alike (16 rounds), and on Yelp polarity
@@ -68,6 +72,8 @@ class BlackBoxConfig:
     label_scale: float = 20.0  # sentence encoders: class score = cosine similarity x this
     gguf_file: str | None = None
     prompt_at: str = "auto"  # one of PROMPT_PLACES
+    prompt_scale: str = "bbt"  # one of PROMPT_SCALES
+    rho: float = 0.1  # prompt_scale relative: a first-round prompt's share of a placeholder row's norm
 
 
 def resolve_model_path(name: str) -> str:
@@ -157,6 +163,8 @@ class BlackBox:
             raise ValueError(f"--cat_or_add {cfg.cat_or_add!r}: choose add or cat")
         if cfg.prompt_at not in PROMPT_PLACES:
             raise ValueError(f"--prompt_at {cfg.prompt_at!r}: choose one of {', '.join(PROMPT_PLACES)}")
+        if cfg.prompt_scale not in PROMPT_SCALES:
+            raise ValueError(f"--prompt_scale {cfg.prompt_scale!r}: choose one of {', '.join(PROMPT_SCALES)}")
         self.cfg = cfg
         self.task = cfg.task
         self.device = torch.device(check_device(cfg.device))
@@ -195,13 +203,12 @@ class BlackBox:
         self.vocab_size = embedding.weight.shape[0]
         # float64 on the CPU: every site, whatever its device and dtype, gets the same figure
         self.embedding_std = float(embedding.weight.detach().to("cpu", torch.float64).std())
-        self.prompt_at, hooked = self._hook_place(cfg.prompt_at)
+        self.prompt_at, self.place = self._hook_place(cfg.prompt_at)  # the module whose output gets A z
         self._active: tuple[torch.Tensor, torch.Tensor] | None = None  # (prompt positions, prompts) of a forward
-        hooked.register_forward_hook(self._inject)
+        self.place.register_forward_hook(self._inject)
         self.dim: int | None = None
         self.scale, self.fingerprint = None, ""
-        if cfg.intrinsic_dim is not None:
-            self.use_dim(cfg.intrinsic_dim)
+        self._row_norm: float | None = None  # placeholder rows' mean norm at the place (--prompt_scale relative)
         self.batch_size, self.token_budget = self._chunk_limits(config)
         self.overhead = FORWARD_OVERHEAD["cuda" if self.device.type == "cuda" else "cpu"]
         # (candidate, example) rows through the model: the cost of a search; and the tokens they took
@@ -217,6 +224,8 @@ class BlackBox:
         self.label_embeddings = self._label_embeddings() if self.kind == "encoder" else None
         if self.kind == "mlm":
             self._check_head()
+        if cfg.intrinsic_dim is not None:
+            self.use_dim(cfg.intrinsic_dim)
         log.info("loaded %s (%s, hidden %d, vocab %d) on %s in %s; prompt added at the %s output; forwards of at "
                  "most %d rows and %d tokens", cfg.model_name, self.kind, self.hidden, self.vocab_size, self.device,
                  str(self.dtype).removeprefix("torch."), self.prompt_at, self.batch_size,
@@ -293,17 +302,45 @@ class BlackBox:
             return
         cfg = self.cfg
         self.dim = int(dim)
-        self.scale = float(f"{projection_scale(self.embedding_std, self.dim, cfg.sigma, cfg.alpha):.4g}")
+        if cfg.prompt_scale == "relative":
+            scale = relative_scale(self.placeholder_norm(), self.dim, self.hidden, cfg.sigma, cfg.rho)
+        else:
+            scale = projection_scale(self.embedding_std, self.dim, cfg.sigma, cfg.alpha)
+        self.scale = float(f"{scale:.4g}")
         a = projection(cfg.seed, self.dim, cfg.n_prompt_tokens * self.hidden, self.scale)
         self.fingerprint = projection_fingerprint(self._projection_key(), a)
         self.projection = torch.from_numpy(a).to(self.device)
 
+    @torch.inference_mode()
+    def placeholder_norm(self) -> float:
+        """The mean norm of the rows that A z is added to (or replaces), at the place it enters, with no prompt:
+        the task's template around ``REFERENCE_TEXT``, one forward of the model's body, in float64 on the host,
+        rounded to 4 significant digits (so that every site gets the same figure). Measured once."""
+        if self._row_norm is None:
+            batch = self.encode(Split([(REFERENCE_TEXT,) * len(self.task.text_fields)], np.zeros(1)))
+            rows = []
+
+            def keep(module, inputs, output):
+                rows.append(output[0, batch.prompt_positions[0]].detach().to("cpu", torch.float64))
+
+            handle = self.place.register_forward_hook(keep)
+            try:
+                self.body(input_ids=batch.ids, attention_mask=batch.attention.long())
+            finally:
+                handle.remove()
+            self._row_norm = float(f"{float(rows[0].norm(dim=-1).mean()):.4g}")
+        return self._row_norm
+
     def _projection_key(self) -> dict:
         """What makes A and how it enters the model. The model enters by its hidden size and the standard
-        deviation of its embeddings (in the scale), not by its path, which may differ from site to site."""
-        return {"seed": self.cfg.seed, "intrinsic_dim": self.dim, "n_prompt_tokens": self.cfg.n_prompt_tokens,
-                "hidden_size": self.hidden, "projection_scale": self.scale, "prompt_at": self.prompt_at,
-                "cat_or_add": self.cfg.cat_or_add}  # fmt: skip
+        deviation of its embeddings (in the scale), not by its path, which may differ from site to site.
+        ``prompt_scale`` is named only where it is not BBT's (the fingerprints of BBT's scale stay as they were)."""
+        key = {"seed": self.cfg.seed, "intrinsic_dim": self.dim, "n_prompt_tokens": self.cfg.n_prompt_tokens,
+               "hidden_size": self.hidden, "projection_scale": self.scale, "prompt_at": self.prompt_at,
+               "cat_or_add": self.cfg.cat_or_add}  # fmt: skip
+        if self.cfg.prompt_scale != "bbt":
+            key.update(prompt_scale=self.cfg.prompt_scale, rho=self.cfg.rho)
+        return key
 
     def description(self) -> dict:
         """Enough to turn z into the soft prompt and use it without the federation, and the fingerprint

@@ -58,6 +58,8 @@ def blackbox_config(cfg: ClientConfig) -> BlackBoxConfig:
         label_scale=cfg.label_scale,
         gguf_file=cfg.gguf_file,
         prompt_at=cfg.prompt_at,
+        prompt_scale=cfg.prompt_scale,
+        rho=cfg.rho,
     )
 
 
@@ -108,7 +110,8 @@ class FedBPTClient:
         task = get_task(self.cfg.task_name)
         return {**self.blackbox.description(), "k_shot": self.cfg.k_shot, "num_labels": task.num_labels,
                 "local_popsize": self.cfg.local_popsize, "local_iter": self.cfg.local_iter,
-                "sigma": self.cfg.sigma, "alpha": self.cfg.alpha, "loss_type": self.cfg.loss_type}  # fmt: skip
+                "sigma": self.cfg.sigma, "alpha": self.cfg.alpha, "prompt_scale": self.cfg.prompt_scale,
+                "rho": self.cfg.rho, "loss_type": self.cfg.loss_type}  # fmt: skip
 
     def accept(self, start: GlobalPrompt) -> None:
         """Take the search dimension from the server's message; a site that asked for another one stops."""

@@ -57,6 +57,8 @@ class ClientConfig:
     random_stream: str = "per_site"
     label_scale: float = 20.0
     prompt_at: str = "auto"
+    prompt_scale: str = "bbt"
+    rho: float = 0.1
 
     @property
     def evaluators(self) -> list[str]:
@@ -109,6 +111,9 @@ _HELP = {
     "label_scale": "sentence encoders: class score = cosine similarity x this",
     "prompt_at": "where A z is added: embeddings (the embeddings block's output, BBT's place), word_embeddings "
     "(the input embeddings) or auto (embeddings, but word_embeddings for decoder-only models)",
+    "prompt_scale": "bbt: the projection scale is alpha * std(embeddings) / (sqrt(d) * sigma0); relative: a "
+    "first-round prompt moves each placeholder row by --rho of its norm where it enters (measured on the model)",
+    "rho": "with --prompt_scale relative: a first-round prompt's share of a placeholder row's norm",
 }
 
 _CHOICES = {
@@ -124,6 +129,7 @@ _CHOICES = {
     "verbalizer_space": [0, 1],
     "random_stream": ["per_site", "shared"],
     "prompt_at": ["auto", "embeddings", "word_embeddings"],
+    "prompt_scale": ["bbt", "relative"],
 }
 
 
@@ -171,7 +177,7 @@ def validate(cfg: ClientConfig) -> None:
         raise ValueError(f"--local_popsize must be >= 2 for CMA-ES, got {cfg.local_popsize}")
     if not 0.0 <= cfg.perturb_rate <= 1.0:
         raise ValueError(f"--perturb_rate must be in [0, 1], got {cfg.perturb_rate}")
-    for name in ("alpha_dir", "sigma", "alpha", "label_scale"):
+    for name in ("alpha_dir", "sigma", "alpha", "label_scale", "rho"):
         if not getattr(cfg, name) > 0:
             raise ValueError(f"--{name} must be > 0, got {getattr(cfg, name)}")
     if cfg.data_dir is not None and SITE_SLOT not in cfg.data_dir and not os.path.isdir(cfg.data_dir):

@@ -117,6 +117,8 @@ def open_blackbox(
         label_scale=float(d.get("label_scale", 20.0)),
         gguf_file=d.get("gguf_file") or None,
         prompt_at=str(d["prompt_at"]),
+        prompt_scale=str(d.get("prompt_scale", "bbt")),  # files written before --prompt_scale: BBT's
+        rho=float(d.get("rho", 0.1)),
     )
     try:
         bb = BlackBox(cfg)

@@ -505,6 +505,13 @@ def projection_scale(embedding_std: float, dim: int, sigma: float, alpha: float 
     return alpha * embedding_std / (math.sqrt(dim) * sigma)
 
 
+def relative_scale(row_norm: float, dim: int, width: int, sigma: float, rho: float) -> float:
+    """The scale at which a first-round prompt moves each placeholder row by ``rho`` of its norm: a row of A z
+    with z ~ N(0, sigma^2 I_d) has expected squared norm width * d * (scale * sigma)^2, so the scale is
+    rho * row_norm / (sigma * sqrt(d * width)), whatever the model and the place (``--prompt_scale relative``)."""
+    return rho * row_norm / (sigma * math.sqrt(dim * width))
+
+
 def projection_fingerprint(description: dict, matrix: np.ndarray, rows: int = 4) -> str:
     """16 hex digits over what makes the projection A (``description``: seed, model, L, H, scale, ...)
     and A's first ``rows`` rows as float32: sites that would build different matrices disagree on it."""

@@ -205,8 +205,8 @@ def projection_mismatch(report: SiteReport, state: ServerState, reference: dict)
         f"its projection (fingerprint {report.fingerprint or 'missing'}) differs from the run's (fingerprint "
         f"{state.fingerprint}, that of {state.reference_from or state.fingerprint_site})"
         + (f": {differs}" if differs else "")
-        + "; every site needs the same --seed, --model_name, --n_prompt_tokens, --intrinsic_dim, --sigma, --alpha "
-        "and --prompt_at"
+        + "; every site needs the same --seed, --model_name, --n_prompt_tokens, --intrinsic_dim, --sigma, --alpha, "
+        "--prompt_at, --prompt_scale and --rho"
     )
 
 
