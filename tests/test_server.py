@@ -314,12 +314,13 @@ def test_per_example_losses_that_disagree_with_the_dev_loss_are_not_used():
     assert row["p_better"] is None and row["best_round"] == 1  # compared on the dev losses, as before
 
 
-def test_the_guard_returns_the_search_to_the_best_mean_after_restore_after_rounds_without_a_lower_dev_loss(tmp_path):
-    """Dev losses 0.5, 0.4 (best), then four rounds of 0.45 or worse: after the fourth, the next state's mean
-    is round 1's broadcast mean, its sigma half the broadcast one, its paths empty; then the count starts
-    again from the restored prompt's dev loss (round 6). With restore_after = 0 the search walks on."""
+def test_the_guard_returns_the_search_to_the_lowest_dev_loss_after_restore_after_rounds_without_a_lower_one(tmp_path):
+    """Dev losses 0.5, 0.4 (the lowest), then four rounds of 0.45 or worse: after the fourth, the next state's
+    mean is round 1's broadcast mean, its sigma half the broadcast one, its paths empty. The count restarts
+    from the restored prompt's own measurement (round 6, 0.6 here): four more rounds without a lower one send
+    the search back to round 6's prompt. With restore_after = 0 the search walks on."""
     losses = [0.5, 0.4, 0.45, 0.47, 0.46, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6]
-    for restore_after, restored_in in ((4, [5, 10]), (0, [])):
+    for restore_after, restored in ((4, {5: 1, 10: 6}), (0, {})):
         guard = Guard(selection="lowest", restore_after=restore_after)
         recorder = RunRecorder(str(tmp_path / str(restore_after)), guard)
         state, means, rows = init_state(D, 1.0, 7), [], []
@@ -331,15 +332,29 @@ def test_the_guard_returns_the_search_to_the_best_mean_after_restore_after_round
             recorder.record(row, state)
             rows.append(row)
             if row["restored"]:
-                np.testing.assert_array_equal(state.mean, means[1])
+                np.testing.assert_array_equal(state.mean, means[row["restored"]["to_round"]])
                 assert state.sigma == before.sigma * 0.5 and row["next_sigma"] == state.sigma
                 assert not state.p_sigma.any() and not state.p_c.any() and state.path_round == state.round
-                assert row["restored"]["to_round"] == 1 and row["restored"]["after_rounds"] == 4
-        assert [r["round"] for r in rows if r["restored"]] == restored_in
-        assert state.restores == len(restored_in) and all(r["best_round"] == 1 for r in rows[1:])
+                assert row["restored"]["after_rounds"] == 4
+        assert {r["round"]: r["restored"]["to_round"] for r in rows if r["restored"]} == restored
+        assert state.restores == len(restored) and all(r["best_round"] == 1 for r in rows[1:])
         summary = json.loads((tmp_path / str(restore_after) / "summary.json").read_text())
-        assert summary["restores"] == len(restored_in)
-        assert ("returns to the best round's mean" in summary["selection"]) == bool(restore_after)
+        assert summary["restores"] == len(restored)
+        assert ("returns to the prompt with the lowest one" in summary["selection"]) == bool(restore_after)
+
+
+def test_the_guard_goes_back_to_the_lowest_dev_loss_also_before_selection_takes_it_as_the_best():
+    """On 4 dev examples a prompt 0.1 lower is not better with confidence 0.9 (the best round stays round 0),
+    but it is where the search was best: the restore goes there, not to z = 0."""
+    state = init_state(D, 1.0, 7)
+    noisy = [[0.9, 0.1, 0.9, 0.1], [0.3, 0.7, 0.3, 0.3], [0.9, 0.3, 0.9, 0.1], [0.9, 0.3, 0.9, 0.1],
+             [0.9, 0.3, 0.9, 0.1], [0.9, 0.3, 0.9, 0.1]]  # fmt: skip
+    means = []
+    for round_, losses in enumerate(noisy):
+        means.append(state.mean.copy())
+        state, row = aggregate_round(state, [with_examples(report("site-1", 0.1 * (round_ + 1), 0.0, 4), losses)])
+    assert row["best_round"] == 0 and row["restored"]["to_round"] == 1
+    np.testing.assert_array_equal(state.mean, means[1])
 
 
 def test_after_a_restore_the_step_size_path_starts_afresh():

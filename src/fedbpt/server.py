@@ -40,8 +40,9 @@ class Guard:
     examples both rounds measured finds its dev loss lower with ``confidence``), or ``lowest`` (any lower
     dev loss wins: the paper's rule). The best round starts as round 0, z = 0: the model without a prompt.
     ``restore_after``: after this many rounds in a row without a lower pooled dev loss than the lowest since
-    the best round changed (or since the last restore), the search returns to the best round's mean with
-    its step size times ``restore_shrink`` (0: never)."""
+    the best round changed (or since the last restore), the search returns to the prompt that had that lowest
+    dev loss, with its step size times ``restore_shrink`` and empty evolution paths (0: never). It goes back to
+    where the search was best, which may be a prompt that selection has not (yet) taken as the best one."""
 
     selection: str = "bootstrap"
     confidence: float = 0.9
@@ -75,8 +76,8 @@ class Guard:
         rule += " (dev_sites and compared_on in metrics.jsonl; with no site in common, over all of each round's sites)"
         if self.restore_after:
             rule += (
-                f"; after {self.restore_after} rounds in a row without a lower dev loss the search returns to the best "
-                f"round's mean with its step size times {self.restore_shrink:g} (restored in metrics.jsonl)"
+                f"; after {self.restore_after} rounds in a row without a lower dev loss the search returns to the "
+                f"prompt with the lowest one, its step size times {self.restore_shrink:g} (restored in metrics.jsonl)"
             )
         return rule
 
@@ -262,21 +263,26 @@ def _examples(report: SiteReport) -> list[float] | None:
 
 def guard_search(before: ServerState, after: ServerState, dev_loss: float | None, better: bool,
                  guard: Guard) -> tuple[ServerState, dict | None]:  # fmt: skip
-    """The guard's step after the update ``before`` -> ``after``: count the rounds since the pooled dev loss
-    was last lowered, and once there are ``restore_after`` of them send the search back to the best mean
-    with a smaller step. Returns the state and, when the search was restored, what the row says of it."""
-    lowest, stale = (math.inf, 0) if better else (before.lowest_dev_loss, before.stale)
-    if dev_loss is not None and dev_loss < lowest:
-        lowest, stale = dev_loss, 0
-    elif not better:
+    """The guard's step after the update ``before`` -> ``after``: keep the broadcast prompt with the lowest
+    pooled dev loss, count the rounds since that loss was last lowered, and once there are ``restore_after``
+    of them send the search back to that prompt with a smaller step and empty evolution paths. Returns the
+    state and, when the search was restored, what the row says of it."""
+    lowest, stale = (before.lowest_dev_loss, before.lowest_round, before.lowest_mean), before.stale
+    if better:  # a new best round: the count starts from it
+        lowest, stale = (math.inf, -1, before.mean), 0
+    if dev_loss is not None and dev_loss < lowest[0]:
+        lowest, stale = (dev_loss, before.round, before.mean.copy()), 0
+    else:
         stale += 1
-    if not guard.restore_after or stale < guard.restore_after or before.best_round < 0:
-        return replace(after, lowest_dev_loss=lowest, stale=stale), None
-    restored = replace(after, mean=before.best_mean.copy(), sigma=before.sigma * guard.restore_shrink,
+    kept = dict(lowest_dev_loss=lowest[0], lowest_round=lowest[1], lowest_mean=lowest[2], stale=stale)
+    if not guard.restore_after or stale < guard.restore_after or lowest[1] < 0:
+        return replace(after, **kept), None
+    # the restored prompt is measured again next round (the same figure, on the same sites): the count restarts
+    restored = replace(after, mean=lowest[2].copy(), sigma=before.sigma * guard.restore_shrink,
                        p_sigma=np.zeros_like(before.p_sigma), p_c=np.zeros_like(before.p_c), cov=before.cov.copy(),
-                       path_round=after.round, lowest_dev_loss=math.inf, stale=0,
-                       restores=before.restores + 1)  # fmt: skip
-    return restored, {"to_round": before.best_round, "after_rounds": stale, "sigma": restored.sigma}
+                       path_round=after.round, lowest_dev_loss=math.inf, lowest_round=-1,
+                       lowest_mean=np.zeros(0), stale=0, restores=before.restores + 1)  # fmt: skip
+    return restored, {"to_round": lowest[1], "after_rounds": stale, "sigma": restored.sigma}
 
 
 def remember_descriptions(state: ServerState, reports: list[SiteReport]) -> tuple[ServerState, list[SiteReport]]:
@@ -372,8 +378,9 @@ def aggregate_round(
         log.warning("round %d: the step of %s was clipped to %.3g of its length", state.round, site, factor)
     new, row["restored"] = guard_search(state, update.state, row["dev_loss"], better, guard)
     if row["restored"]:
-        log.warning("round %d: no lower dev loss for %d rounds; the search returns to round %d's mean with sigma "
-                    "%.4g", state.round, row["restored"]["after_rounds"], state.best_round, new.sigma)  # fmt: skip
+        log.warning("round %d: no lower dev loss for %d rounds; the search returns to round %d's prompt with sigma "
+                    "%.4g", state.round, row["restored"]["after_rounds"], row["restored"]["to_round"],
+                    new.sigma)  # fmt: skip
     row["next_sigma"] = new.sigma
     row["best_round"] = new.best_round
     return new, row

@@ -53,10 +53,12 @@ class ServerState:
     # The best round's per-example dev losses as JSON {site: [loss, ...]}, for the paired test of a later round.
     best_examples: str = ""
     # The guard (``server.Guard``): the lowest pooled dev loss of a broadcast prompt since the best round
-    # changed or the search was last restored, the rounds since that loss was last lowered, and how many
-    # times the search was sent back to the best mean. ``path_round``: the round since which the evolution
-    # paths have grown (a restore empties them).
+    # changed or the search was last restored, that prompt's round and mean (where a restore goes), the
+    # rounds since that loss was last lowered, and how many times the search was sent back. ``path_round``:
+    # the round since which the evolution paths have grown (a restore empties them).
     lowest_dev_loss: float = math.inf
+    lowest_round: int = -1
+    lowest_mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
     stale: int = 0
     restores: int = 0
     path_round: int = 0

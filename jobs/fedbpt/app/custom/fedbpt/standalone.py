@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         "--restore_after",
         type=int,
         default=Guard.restore_after,
-        help="rounds with no lower dev loss before the search goes back to the best mean (0: off)",
+        help="rounds with no lower dev loss before the search goes back to the lowest one's prompt (0: off)",
     )
     parser.add_argument("--restore_shrink", type=float, default=Guard.restore_shrink,
                         help="the step size's factor when the search is restored")  # fmt: skip
