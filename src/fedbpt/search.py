@@ -63,7 +63,8 @@ class ServerState:
     restores: int = 0
     path_round: int = 0
     # Every site's latest description as JSON {site: description}: a site sends it only when the broadcast's
-    # digest of it differs from its own (``describe_sites``), and the checkpoint keeps it for a resumed job.
+    # digest of it differs from its own (``encode_down``, ``GlobalPrompt.knows``), and the checkpoint keeps
+    # it for a resumed job.
     descriptions: str = ""
     # What every site must share beyond the server's own seed and intrinsic_dim ("" and 0: not yet), taken
     # from the majority of the first round's sites that pass their own checks: the projection's fingerprint,
