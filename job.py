@@ -30,7 +30,7 @@ from fedbpt.config import build_parser as site_parser  # noqa: E402
 from fedbpt.config import parse_args  # noqa: E402
 from fedbpt.privacy import UploadPrivacy  # noqa: E402
 from fedbpt.search import COVARIANCES, MAX_STEP, STEP_RULES  # noqa: E402
-from fedbpt.server import SELECTIONS, Guard  # noqa: E402
+from fedbpt.server import Guard, add_guard_flags  # noqa: E402
 
 DEFAULT_INTRINSIC_DIM = 500  # the template's, and the paper's
 DEFAULT_N_CLIENTS = 2
@@ -72,18 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max_step", type=float, default=MAX_STEP,
                         help="refuse a site whose step is longer than this many honest (no-signal) steps")  # fmt: skip
     server.add_argument("--patience", type=int, default=0, help="early stop after N rounds without a better dev loss")
-    server.add_argument("--selection", choices=SELECTIONS, default=Guard.selection,
-                        help="bootstrap: a round replaces the best one only when a paired bootstrap over the dev "
-                        "examples finds its dev loss lower with --confidence; lowest: any lower dev loss")  # fmt: skip
-    server.add_argument("--confidence", type=float, default=Guard.confidence, help="see --selection")
-    server.add_argument(
-        "--restore_after",
-        type=int,
-        default=Guard.restore_after,
-        help="rounds with no lower dev loss before the search goes back to the lowest one's prompt (0: off)",
-    )
-    server.add_argument("--restore_shrink", type=float, default=Guard.restore_shrink,
-                        help="the step size's factor when the search is restored")  # fmt: skip
+    add_guard_flags(server)
     server.add_argument("--wait_time_after_min_received", type=int, default=0,
                         help="seconds to wait for more results after min_clients arrived")  # fmt: skip
     server.add_argument("--resume_from", default="", help="a fedbpt_state.npz to start from (read by the server)")

@@ -82,6 +82,19 @@ class Guard:
         return rule
 
 
+def add_guard_flags(parser) -> None:
+    """The aggregator's ``Guard`` keys as flags of the same names (``job.py`` and ``fedbpt.standalone``)."""
+    parser.add_argument("--selection", choices=SELECTIONS, default=Guard.selection,
+                        help="bootstrap: a round replaces the best one only when a paired bootstrap over the dev "
+                        "examples finds its dev loss lower with --confidence; lowest: any lower dev loss")  # fmt: skip
+    parser.add_argument("--confidence", type=float, default=Guard.confidence, help="see --selection")
+    parser.add_argument("--restore_after", type=int, default=Guard.restore_after,
+                        help="rounds with no lower dev loss before the search goes back to the prompt with the "
+                        "lowest one (0: off)")  # fmt: skip
+    parser.add_argument("--restore_shrink", type=float, default=Guard.restore_shrink,
+                        help="the step size's factor when the search is restored")  # fmt: skip
+
+
 @dataclass
 class SiteReport:
     """One site's answer in one round: its local search result, the metrics of the prompt it received,

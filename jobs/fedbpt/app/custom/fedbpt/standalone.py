@@ -24,7 +24,7 @@ from .config import ClientConfig, parse_args
 from .data import site_index
 from .privacy import UploadPrivacy, privatize
 from .search import COVARIANCES, STEP_RULES, ServerState, decode_down, decode_up, encode_down, encode_up, init_state
-from .server import SELECTIONS, Guard, RunRecorder, SiteReport, aggregate_round
+from .server import Guard, RunRecorder, SiteReport, add_guard_flags, aggregate_round
 
 log = logging.getLogger(__name__)
 
@@ -110,18 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step_rule", choices=STEP_RULES, default=ServerConfig.step_rule)
     parser.add_argument("--covariance", choices=COVARIANCES, default=ServerConfig.covariance)
     parser.add_argument("--patience", type=int, default=0, help="early stop after N rounds without a better dev loss")
-    parser.add_argument("--selection", choices=SELECTIONS, default=Guard.selection,
-                        help="bootstrap: a round replaces the best one only when a paired bootstrap finds its dev loss "
-                        "lower with --confidence; lowest: any lower dev loss")  # fmt: skip
-    parser.add_argument("--confidence", type=float, default=Guard.confidence, help="see --selection")
-    parser.add_argument(
-        "--restore_after",
-        type=int,
-        default=Guard.restore_after,
-        help="rounds with no lower dev loss before the search goes back to the lowest one's prompt (0: off)",
-    )
-    parser.add_argument("--restore_shrink", type=float, default=Guard.restore_shrink,
-                        help="the step size's factor when the search is restored")  # fmt: skip
+    add_guard_flags(parser)
     parser.add_argument("--clip_norm", type=float, default=0.0, help="clip each upload's update to this norm (0: off)")
     parser.add_argument("--noise_multiplier", type=float, default=0.0,
                         help="add N(0, (this x clip_norm)^2) to each coordinate of each upload's update")  # fmt: skip
