@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from fedbpt.search import LocalResult, init_state, load_state
+from fedbpt.search import LocalResult, init_state, load_state, server_update
 from fedbpt.server import Guard, RunRecorder, SiteReport, aggregate_round
 
 D = 8
@@ -358,22 +358,24 @@ def test_the_guard_goes_back_to_the_lowest_dev_loss_also_before_selection_takes_
 
 
 def test_after_a_restore_the_step_size_path_starts_afresh():
-    """The first update after a restore reads its (empty) evolution path as a first round's: without signal,
-    sigma stays within 10% of the restored one, as in a fresh search's first round."""
+    """The first update after a restore (empty paths, ``path_round`` = its round) reads its path as a fresh
+    search's first round does: the same sites' steps give the same sigma as from init_state. Read against
+    the path's expectation at round 10 instead (no ``path_round``), the same steps shrink sigma."""
     rng = np.random.default_rng(3)
-    guard = Guard(selection="lowest", restore_after=1)
-    state = init_state(64, 1.0, 7)
-    sigmas = []
-    for round_ in range(4):
-        reports = [SiteReport(f"site-{i}", LocalResult(state.mean + state.sigma * rng.standard_normal(64) * 0.5,
-                                                       float(rng.random()), np.full(4, state.sigma), popsize=5),
-                              {"dev_loss": 0.5, "n_dev": 4.0}) for i in range(6)]  # fmt: skip
-        before = state
-        state, row = aggregate_round(state, reports, guard=guard)
-        if round_ == 1:
-            assert row["restored"] and state.sigma == before.sigma * 0.5
-        sigmas.append(state.sigma)
-    assert 0.9 < sigmas[2] / sigmas[1] < 1.1
+    fresh = init_state(64, 1.0, 7)
+    results = [LocalResult(0.5 * rng.standard_normal(64), float(rng.random()), np.full(4, 1.0), popsize=5)
+               for _ in range(6)]  # fmt: skip
+    restored = replace(fresh, round=10, path_round=10)
+    unmarked = replace(fresh, round=10)
+    first = server_update(fresh, results).sigma
+    assert server_update(restored, results).sigma == pytest.approx(first, rel=1e-12)
+    assert server_update(unmarked, results).sigma < 0.99 * first
+    stale = replace(fresh, round=4, best_round=0, best_dev_loss=0.4, lowest_dev_loss=0.4, lowest_round=0,
+                    lowest_mean=np.zeros(64), stale=3)  # fmt: skip
+    reports = [SiteReport(f"site-{i}", r, {"dev_loss": 0.5, "n_dev": 4.0}) for i, r in enumerate(results)]
+    new, row = aggregate_round(stale, reports, guard=Guard(selection="lowest"))
+    assert row["restored"]["to_round"] == 0 and row["next_sigma"] == 0.5  # the fourth round without a lower one
+    assert (new.path_round, new.round) == (5, 5) and not new.p_sigma.any()
 
 
 @pytest.mark.parametrize(("key", "value"), [("selection", "best"), ("confidence", 1.0), ("restore_after", -1),
