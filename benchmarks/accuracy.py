@@ -136,6 +136,7 @@ class Bench:
             "dev_loss": [r["dev_loss"] for r in rows],
             "sigma": [r["sigma"] for r in rows],
             "restored": [r["round"] for r in rows if r.get("restored")],
+            "p_better": [r.get("p_better") for r in rows],
             "forwards": train_forwards(cfg, self.args.rounds),
         }
 

@@ -161,7 +161,8 @@ def seed_entry(seed: int, run: dict) -> dict:
     entry = {"seed": seed, "best": run["best_test"], "final": run["final_test"]}
     if "best_round" in run:
         entry.update(best_round=run["best_round"], test_acc=run["curve"], dev_loss=run["dev_loss"],
-                     dev_acc=run["dev_acc"], seconds=run["seconds"], restored=run.get("restored", []))  # fmt: skip
+                     dev_acc=run["dev_acc"], seconds=run["seconds"], restored=run.get("restored", []),
+                     p_better=run.get("p_better"))  # fmt: skip
     return entry
 
 
