@@ -46,7 +46,8 @@ from fedbpt.blackbox import PROMPT_PLACES, BlackBox  # noqa: E402
 from fedbpt.client import FedBPTClient, blackbox_config, load_task_data  # noqa: E402
 from fedbpt.config import ClientConfig  # noqa: E402
 from fedbpt.data import site_shards  # noqa: E402
-from fedbpt.search import GlobalPrompt  # noqa: E402
+from fedbpt.search import GlobalPrompt, load_state  # noqa: E402
+from fedbpt.server import STATE_FILE  # noqa: E402
 from fedbpt.standalone import ServerConfig, run_federation  # noqa: E402
 
 SST2 = REPO.parent / "shared" / "data" / "sst2"
@@ -127,9 +128,12 @@ class Bench:
             summary = json.loads((Path(run_dir) / "summary.json").read_text())
             with np.load(Path(run_dir) / "best_prompt.npz") as best, np.load(Path(run_dir) / "final_prompt.npz") as f:
                 best_z, final_z = best["z"], f["z"]
+            next_mean = load_state(str(Path(run_dir) / STATE_FILE)).mean  # the search's mean, unmeasured
         return {
             "best_test": self.test_acc(seed, best_z),
             "final_test": self.test_acc(seed, final_z),
+            "final_round": summary["final_round"],
+            "next_mean_test": self.test_acc(seed, next_mean),
             "best_round": summary["best_round"],
             "curve": [r["test_acc"] for r in rows] if curve else [],
             "dev_acc": [r["dev_acc"] for r in rows],

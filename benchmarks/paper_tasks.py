@@ -8,8 +8,10 @@ The paper's data size at the shipped defaults: 10 sites, 40 examples per class i
 many for dev (``k_shot`` 40), 10 prompt tokens, d = 200, popsize 5, 4 local generations, 16 rounds, seeds
 1, 2, 3. Methods as ``accuracy.py`` defines them: ``no_prompt``, ``fedbpt_iid``, ``fedavg_bbt`` (twice the
 local generations, no perturbation: the same training forwards). Every method is scored by the test
-accuracy of the prompt it selects on the pooled dev loss (never on test) and of its final prompt (the one
-after the last round, as ``final_prompt.npz``); every round's starting prompt is also scored on test.
+accuracy of the prompt it selects on the pooled dev loss (never on test) and of its final prompt
+(``final_prompt.npz``: for FedBPT the measured prompt the guard would return the search to when the run
+ends; for FedAvg-BBT the mean after the last round); every round's starting prompt is also scored on test,
+and so is FedBPT's unmeasured next mean (``next_mean_test``).
 
 Data, from ``../shared/data`` (its SOURCE.md files say where the files come from); the few-shot pools are
 drawn by ``fedbpt.data.k_shot_pools`` from the train file with the run's seed, as in every run:
@@ -73,6 +75,9 @@ RUN_METHODS = {
 }
 # the issue's goals, measured (never tuned for) here
 GAIN_GOAL = {"sst2": 2.5, "yelpp": 1.0, "agnews": 1.0}  # points of FedBPT IID over no prompt, best-dev
+# FedBPT's final prompt: the measured one the guard would return the search to (runs before it, with the
+# search's unmeasured next mean as the final prompt, are in runs_paper_tasks/before_final/)
+FINAL_RULE = "guarded"
 FINAL_GAP_GOAL = 1.0  # points between best-dev and final test accuracy, every seed
 FEDAVG_GAP_GOAL = 0.5  # points between FedBPT IID and FedAvg-BBT
 
@@ -162,7 +167,8 @@ def seed_entry(seed: int, run: dict) -> dict:
     if "best_round" in run:
         entry.update(best_round=run["best_round"], test_acc=run["curve"], dev_loss=run["dev_loss"],
                      dev_acc=run["dev_acc"], seconds=run["seconds"], restored=run.get("restored", []),
-                     p_better=run.get("p_better"))  # fmt: skip
+                     p_better=run.get("p_better"), final_round=run.get("final_round"),
+                     next_mean_test=run.get("next_mean_test"))  # fmt: skip
     return entry
 
 
@@ -257,7 +263,7 @@ def run_one(args, bench: TaskBench, name: str, seed: int, setting: dict) -> dict
         return {**RUN_METHODS[name](bench, seed), "setting": setting, "command": command(), "git": git_revision()}
 
     if name.startswith("fedbpt"):  # the server's selection and guard shape FedBPT's runs, not the baselines'
-        setting = {**setting, "guard": asdict(Guard())}
+        setting = {**setting, "guard": asdict(Guard()), "final": FINAL_RULE}
     run = cached(f"{bench.task}_{name}", seed, args, compute)
     if run.get("setting") != setting:
         raise SystemExit(f"{args.runs_dir}/{bench.task}_{name}_seed{seed}.json holds a run of another setting "

@@ -179,18 +179,64 @@ def test_best_round_is_chosen_on_dev_never_on_test(tmp_path):
         recorder.save_state(state)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["best_round"] == 2 and summary["best_dev_loss"] == pytest.approx(0.4)
-    assert summary["best_test_acc"] == pytest.approx(0.75) and summary["final_test_acc"] == pytest.approx(0.70)
-    assert summary["rounds"] == 4
+    assert summary["best_test_acc"] == pytest.approx(0.75) and summary["rounds"] == 4
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["best_round"] for x in lines] == [0, 1, 2, 2]
     with np.load(tmp_path / "best_prompt.npz") as best:
         np.testing.assert_allclose(best["z"], broadcast[2], atol=1e-7)  # the prompt that was evaluated
         assert int(best["round"]) == 2 and best["soft_prompt"].shape == (2, 4)
-    with np.load(tmp_path / "final_prompt.npz") as final:
-        np.testing.assert_allclose(final["z"], state.mean, atol=1e-6)
     resumed = load_state(str(tmp_path / "fedbpt_state.npz"))
     assert resumed.round == 4 and resumed.best_round == 2
     np.testing.assert_array_equal(resumed.mean, state.mean)
+
+
+@pytest.mark.parametrize("restore_after", [4, 0])
+def test_the_final_prompt_is_a_measured_one_where_the_guard_would_send_the_search(tmp_path, restore_after):
+    """Dev losses 0.7, 0.5, 0.4, 0.6, 0.45: round 2 has the lowest since round 1 became the best, and rounds 3
+    and 4 are worse, so the run ends with round 2's prompt, not with the search's unmeasured next mean. With
+    the guard off (restore_after = 0) it ends with that next mean, as before the guard."""
+    guard = Guard(restore_after=restore_after)
+    recorder = RunRecorder(str(tmp_path), guard)
+    info = {"model_name": "m", "task_name": "sst2", "seed": 3, "n_prompt_tokens": 2, "hidden_size": 4,
+            "projection_scale": 0.5, "cat_or_add": "add"}  # fmt: skip
+    state, broadcast = init_state(D, 1.0, 3), []
+    for round_, (dev, test) in enumerate(zip([0.7, 0.5, 0.4, 0.6, 0.45], [0.60, 0.90, 0.75, 0.70, 0.72])):
+        broadcast.append(state.mean.copy())
+        reports = [report("site-1", 0.1 * (round_ + 1), dev, 20, test_acc=test), report("site-2", -0.05, dev, 20)]
+        state, row = aggregate_round(state, reports, guard=guard)
+        recorder.record(row, state, info)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    print(f"restore_after {restore_after}: {summary}")
+    assert summary["last_round"] == 4 and summary["best_round"] == 2
+    with np.load(tmp_path / "final_prompt.npz") as final:
+        z, round_ = final["z"], int(final["round"])
+    if restore_after:
+        assert summary["final_round"] == round_ == 2 and summary["final_test_acc"] == pytest.approx(0.75)
+        assert summary["final_dev_loss"] == pytest.approx(0.4)
+        np.testing.assert_allclose(z, broadcast[2], atol=1e-7)
+    else:
+        assert summary["final_round"] == round_ == 5 and summary["final_test_acc"] is None
+        np.testing.assert_allclose(z, state.mean, atol=1e-6)
+        assert np.linalg.norm(state.mean - broadcast[2]) > 0.1
+
+
+def test_after_a_restore_the_run_ends_with_the_prompt_the_search_went_back_to(tmp_path):
+    """Round 1 has the lowest dev loss; rounds 2 to 5 are worse, so after round 5 the guard sends the search
+    back to round 1's prompt: the final prompt is that one, with round 1's figures."""
+    guard = Guard(selection="lowest", restore_after=4)
+    recorder = RunRecorder(str(tmp_path), guard)
+    state, broadcast = init_state(D, 1.0, 3), []
+    for round_, dev in enumerate([0.7, 0.3, 0.5, 0.6, 0.55, 0.65]):
+        broadcast.append(state.mean.copy())
+        reports = [report("site-1", 0.1, dev, 20, test_acc=1.0 - dev / 2), report("site-2", -0.05, dev, 20)]
+        state, row = aggregate_round(state, reports, guard=guard)
+        recorder.record(row, state)
+    assert row["restored"] == {"to_round": 1, "after_rounds": 4, "sigma": pytest.approx(state.sigma)}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final_round"] == 1 and summary["final_test_acc"] == pytest.approx(0.85)
+    with np.load(tmp_path / "final_prompt.npz") as final:
+        np.testing.assert_allclose(final["z"], broadcast[1], atol=1e-7)
+        assert int(final["round"]) == 1
 
 
 def test_a_resumed_job_that_never_beats_the_checkpoint_still_has_its_best_prompt_and_figures(tmp_path):
@@ -214,7 +260,9 @@ def test_a_resumed_job_that_never_beats_the_checkpoint_still_has_its_best_prompt
     rounds(RunRecorder(str(tmp_path / "second")), [0.6, 0.7])
     summary = json.loads((tmp_path / "second" / "summary.json").read_text())
     print(f"resumed job's summary: {summary}")
-    assert summary["best_round"] == 1 and summary["rounds"] == 2 and summary["final_round"] == 4
+    assert summary["best_round"] == 1 and summary["rounds"] == 2 and summary["last_round"] == 4
+    # the final prompt is the first job's round 1 too (no lower dev loss since): its figures come from the state
+    assert summary["final_round"] == 1 and summary["final_test_acc"] == pytest.approx(0.8)
     assert summary["best_dev_loss"] == pytest.approx(0.3) and summary["best_dev_acc"] == pytest.approx(0.7)
     assert summary["best_test_acc"] == pytest.approx(0.8) and summary["best_dev_sites"] == ["site-1", "site-2"]
     with np.load(tmp_path / "second" / "best_prompt.npz") as best:

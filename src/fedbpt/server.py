@@ -78,7 +78,12 @@ class Guard:
             rule += (
                 f"; after {self.restore_after} rounds in a row without a lower dev loss the search returns to the "
                 f"prompt with the lowest one, its step size times {self.restore_shrink:g} (restored in metrics.jsonl)"
+                "; the final prompt is the one the search would return to when the run ends: of the prompts "
+                "broadcast since the best round last changed or the search was last restored, the one with the "
+                "lowest dev loss"
             )
+        else:
+            rule += "; the final prompt is the search's mean after the last round, which no site has measured"
         return rule
 
 
@@ -298,6 +303,25 @@ def guard_search(before: ServerState, after: ServerState, dev_loss: float | None
     return restored, {"to_round": lowest[1], "after_rounds": stale, "sigma": restored.sigma}
 
 
+def final_prompt(state: ServerState, restored: dict | None, guard: Guard) -> tuple[np.ndarray, int]:
+    """The prompt a run ends with after the round that led to ``state``, and the round that broadcast it.
+
+    With the guard on, a prompt the sites measured: the one the guard sends the search back to, i.e. the
+    broadcast prompt with the lowest pooled dev loss since the best round last changed or the search was
+    last restored (the last round's own prompt when it is that one). The search's next mean, which no site
+    has measured, stays in the checkpoint, where a resumed job goes on from it. With ``restore_after = 0``,
+    that next mean (the rule before the guard)."""
+    if not guard.restore_after:
+        return state.mean, state.round
+    if restored:  # the search is back at the prompt with the lowest dev loss
+        return state.mean, int(restored["to_round"])
+    if state.lowest_round >= 0:
+        return state.lowest_mean, state.lowest_round
+    if state.best_round >= 0:  # no dev loss measured since the best round changed
+        return state.best_mean, state.best_round
+    return state.mean, state.round
+
+
 def remember_descriptions(state: ServerState, reports: list[SiteReport]) -> tuple[ServerState, list[SiteReport]]:
     """Keep every site's latest description in the state, and give each report without one the description
     the state holds of its site (a site sends it only when the broadcast shows the server lacks it)."""
@@ -433,6 +457,7 @@ class RunRecorder:
         with open(self.path(METRICS_FILE), "a") as f:
             f.write(json.dumps(row) + "\n")
         rows = self.rows()
+        final_z, final_round = final_prompt(state, row.get("restored"), self.guard)
         summary = {
             "rounds": len(rows),
             "best_round": state.best_round,
@@ -440,9 +465,7 @@ class RunRecorder:
             "best_dev_acc": _figure(state.best_dev_acc),
             "best_test_acc": _figure(state.best_test_acc),
             "best_dev_sites": sorted(json.loads(state.best_sites)) if state.best_sites else [],
-            "final_round": rows[-1]["round"],
-            "final_dev_acc": rows[-1]["dev_acc"],
-            "final_test_acc": rows[-1]["test_acc"],
+            **self._final_figures(final_round, rows, state),
             "selection": self.guard.describe(),
             "restores": state.restores,
             "rounds_with_fewer_dev_sites": _fewer_dev_sites(rows),
@@ -451,7 +474,22 @@ class RunRecorder:
             json.dump(summary, f, indent=2)
         if state.best_round >= 0:  # every round: a resumed job's best may come from the checkpoint
             self._write_prompt(BEST_PROMPT_FILE, state.best_mean, state, prompt_info, state.best_round)
-        self._write_prompt(FINAL_PROMPT_FILE, state.mean, state, prompt_info, state.round)
+        self._write_prompt(FINAL_PROMPT_FILE, final_z, state, prompt_info, final_round)
+
+    @staticmethod
+    def _final_figures(round_: int, rows: list[dict], state: ServerState) -> dict:
+        """The final prompt's round and figures: from its round's row, or the state's best figures when it
+        is the best prompt of an earlier job (resumed); None where no site measured it (``restore_after = 0``)."""
+        row = next((r for r in reversed(rows) if r["round"] == round_), None)
+        if row is not None:
+            figures = (row["dev_loss"], row["dev_acc"], row["test_acc"])
+        elif round_ == state.best_round:
+            figures = (state.best_dev_loss, state.best_dev_acc, state.best_test_acc)
+        else:
+            figures = (math.nan, math.nan, math.nan)
+        names = ("final_dev_loss", "final_dev_acc", "final_test_acc")
+        return {"final_round": round_, "last_round": rows[-1]["round"],
+                **{name: _figure(_number(v)) for name, v in zip(names, figures)}}  # fmt: skip
 
     def rows(self) -> list[dict]:
         if not os.path.exists(self.path(METRICS_FILE)):
