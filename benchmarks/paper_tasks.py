@@ -256,6 +256,43 @@ def plot(summary: dict, rounds: int, out: Path) -> None:
     plt.close(fig)
 
 
+def derived_final(run: dict) -> int:
+    """The round whose prompt FINAL_RULE ends a run with, read from the run's rows (for runs made before the
+    rule, whose final was the search's next mean): the lowest pooled dev loss, first of equals, over the
+    rounds since the best round last changed (the last one, ``best_round``) and since the last restore made
+    before the last round. A restore after the last round went back to that very prompt."""
+    dev, last = run["dev_loss"], len(run["dev_loss"]) - 1
+    earlier = [r for r in run["restored"] if r < last]
+    start = max(run["best_round"], earlier[-1] + 1 if earlier else 0)
+    return min(range(start, last + 1), key=lambda r: (dev[r], r))
+
+
+def derive_finals(args, before: Path) -> None:
+    """Each FedBPT run in ``before`` (made under the earlier final rule), with its final derived, into
+    ``--runs_dir`` where that holds no run of its own; for the runs it does hold, a check that the derived
+    round and test accuracy are the rerun's (the rounds are deterministic: same rows, same prompts)."""
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    for path in sorted(before.glob("*_fedbpt_iid_seed*.json")):
+        old = json.loads(path.read_text())
+        round_ = derived_final(old)
+        derived = {**old, "final_round": round_, "final_test": old["curve"][round_],
+                   "next_mean_test": old["final_test"], "setting": {**old["setting"], "final": FINAL_RULE},
+                   "final_derived_from": f"{before.name}/{path.name}"}  # fmt: skip
+        target = args.runs_dir / path.name
+        if target.exists():
+            rerun = json.loads(target.read_text())
+            same = all(rerun[k] == derived[k] for k in ("curve", "dev_loss", "final_round", "final_test",
+                                                         "next_mean_test"))  # fmt: skip
+            print(f"{path.stem}: rerun final round {rerun['final_round']} test {rerun['final_test']:.4f}, derived "
+                  f"{round_} {derived['final_test']:.4f}: {'same' if same else 'DIFFERENT'}")  # fmt: skip
+            if not same:
+                raise SystemExit(f"{target} and the final derived from {path} differ")
+        else:
+            target.write_text(json.dumps(derived, indent=1))
+            print(f"{path.stem}: final round {round_} test {derived['final_test']:.4f} (was the next mean, "
+                  f"{old['final_test']:.4f}) -> {target}")  # fmt: skip
+
+
 def run_one(args, bench: TaskBench, name: str, seed: int, setting: dict) -> dict:
     """One method's run on one task and seed, from the cache if it holds one of this setting."""
 
@@ -286,6 +323,9 @@ def main() -> None:
     parser.add_argument("--cached_only", action="store_true",
                         help="run nothing: the JSON and figure from the runs in --runs_dir")  # fmt: skip
     parser.add_argument("--runs_dir", type=Path, default=RESULTS / "runs_paper_tasks", help="one JSON per run")
+    parser.add_argument("--derive_finals", type=Path, metavar="DIR",
+                        help="run nothing: put DIR's FedBPT runs (made before FINAL_RULE) into --runs_dir with "
+                        "their final derived from their rows; check it against the runs made since")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS / "paper_tasks.json")
     parser.add_argument("--fig", type=Path, default=REPO / "figs" / "paper_tasks.png")
     args = parser.parse_args()
@@ -293,6 +333,8 @@ def main() -> None:
     for given, known, flag in ((tasks, TASKS, "--tasks"), (methods, RUN_METHODS, "--methods")):
         if unknown := sorted(set(given) - set(known)):
             parser.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    if args.derive_finals:
+        return derive_finals(args, args.derive_finals)
     prepare()
     if args.threads:
         import torch
