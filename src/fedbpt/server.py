@@ -95,7 +95,7 @@ def add_guard_flags(parser) -> None:
     parser.add_argument("--confidence", type=float, default=Guard.confidence, help="see --selection")
     parser.add_argument("--restore_after", type=int, default=Guard.restore_after,
                         help="rounds with no lower dev loss before the search goes back to the prompt with the "
-                        "lowest one (0: off)")  # fmt: skip
+                        "lowest one, where the run also ends (0: off; the final prompt is the last mean)")  # fmt: skip
     parser.add_argument("--restore_shrink", type=float, default=Guard.restore_shrink,
                         help="the step size's factor when the search is restored")  # fmt: skip
 
