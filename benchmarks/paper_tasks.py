@@ -73,6 +73,11 @@ RUN_METHODS = {
     "fedbpt_iid": METHODS["fedbpt_iid"],
     "fedavg_bbt": lambda b, s: b.fedavg_bbt(s, curve=True),
 }
+# outside the grid, on request (--methods): FedBPT's server with FedAvg-BBT's local search (no perturbed copy,
+# twice the generations: the same training forwards), to tell which half of FedAvg-BBT's lead a task shows
+EXTRA_METHODS = {
+    "fedbpt_no_perturb": lambda b, s: b.fedbpt(s, curve=True, perturb=0, local_iter=2 * b.setting["local_iter"]),
+}
 # the issue's goals, measured (never tuned for) here
 GAIN_GOAL = {"sst2": 2.5, "yelpp": 1.0, "agnews": 1.0}  # points of FedBPT IID over no prompt, best-dev
 # FedBPT's final prompt: the measured one the guard would return the search to (runs before it, with the
@@ -229,8 +234,8 @@ def plot(summary: dict, rounds: int, out: Path) -> None:
 
     tasks = [t for t in TASKS if t in summary]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
-    colors = {"fedbpt_iid": "C0", "fedavg_bbt": "C1"}
-    labels = {"fedbpt_iid": "FedBPT, IID", "fedavg_bbt": "FedAvg-BBT"}
+    colors = {"fedbpt_iid": "C0", "fedavg_bbt": "C1", "fedbpt_no_perturb": "C2"}
+    labels = {"fedbpt_iid": "FedBPT, IID", "fedavg_bbt": "FedAvg-BBT", "fedbpt_no_perturb": "FedBPT, no perturbation"}
     for ax, task in zip(axes[0], tasks):
         for name, color in colors.items():
             seeds = summary[task].get(name, {}).get("seeds", [])
@@ -297,7 +302,8 @@ def run_one(args, bench: TaskBench, name: str, seed: int, setting: dict) -> dict
     """One method's run on one task and seed, from the cache if it holds one of this setting."""
 
     def compute() -> dict:
-        return {**RUN_METHODS[name](bench, seed), "setting": setting, "command": command(), "git": git_revision()}
+        method = RUN_METHODS.get(name) or EXTRA_METHODS[name]
+        return {**method(bench, seed), "setting": setting, "command": command(), "git": git_revision()}
 
     if name.startswith("fedbpt"):  # the server's selection and guard shape FedBPT's runs, not the baselines'
         setting = {**setting, "guard": asdict(Guard()), "final": FINAL_RULE}
@@ -311,7 +317,8 @@ def run_one(args, bench: TaskBench, name: str, seed: int, setting: dict) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ", ".join(TASKS))
-    parser.add_argument("--methods", default=",".join(RUN_METHODS), help="comma-separated subset of the methods")
+    parser.add_argument("--methods", default=",".join(RUN_METHODS),
+                        help=f"comma-separated subset of the methods, or of {', '.join(EXTRA_METHODS)}")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds 1..N, in this order")
     parser.add_argument("--first_seed", type=int, default=1,
                         help="start at this seed (a second process can take the later seeds)")  # fmt: skip
@@ -330,7 +337,7 @@ def main() -> None:
     parser.add_argument("--fig", type=Path, default=REPO / "figs" / "paper_tasks.png")
     args = parser.parse_args()
     tasks, methods = args.tasks.split(","), args.methods.split(",")
-    for given, known, flag in ((tasks, TASKS, "--tasks"), (methods, RUN_METHODS, "--methods")):
+    for given, known, flag in ((tasks, TASKS, "--tasks"), (methods, {**RUN_METHODS, **EXTRA_METHODS}, "--methods")):
         if unknown := sorted(set(given) - set(known)):
             parser.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     if args.derive_finals:
