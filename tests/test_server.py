@@ -226,7 +226,7 @@ def test_after_a_restore_the_run_ends_with_the_prompt_the_search_went_back_to(tm
     guard = Guard(selection="lowest", restore_after=4)
     recorder = RunRecorder(str(tmp_path), guard)
     state, broadcast = init_state(D, 1.0, 3), []
-    for round_, dev in enumerate([0.7, 0.3, 0.5, 0.6, 0.55, 0.65]):
+    for dev in [0.7, 0.3, 0.5, 0.6, 0.55, 0.65]:
         broadcast.append(state.mean.copy())
         reports = [report("site-1", 0.1, dev, 20, test_acc=1.0 - dev / 2), report("site-2", -0.05, dev, 20)]
         state, row = aggregate_round(state, reports, guard=guard)
