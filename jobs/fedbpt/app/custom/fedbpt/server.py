@@ -317,7 +317,7 @@ def final_prompt(state: ServerState, restored: dict | None, guard: Guard) -> tup
         return state.mean, int(restored["to_round"])
     if state.lowest_round >= 0:
         return state.lowest_mean, state.lowest_round
-    if state.best_round >= 0:  # no dev loss measured since the best round changed
+    if state.best_round >= 0:  # no dev loss measured since the best round changed or the last restore
         return state.best_mean, state.best_round
     return state.mean, state.round
 
