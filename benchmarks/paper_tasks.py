@@ -62,6 +62,7 @@ from fedbpt.server import Guard  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 TASKS = ("sst2", "agnews", "yelpp")  # the run order within a seed: the cheapest first (Yelp's texts are longest)
+PAPER_ORDER = ("sst2", "yelpp", "agnews")  # the order of the paper's tables, and of ours
 TASK_LABELS = {"sst2": "SST-2", "yelpp": "Yelp polarity", "agnews": "AG News"}
 NUM_LABELS = {"sst2": 2, "yelpp": 2, "agnews": 4}
 AGNEWS_TEST_ROWS = 2000
@@ -261,6 +262,45 @@ def plot(summary: dict, rounds: int, out: Path) -> None:
     plt.close(fig)
 
 
+METHOD_LABELS = {"no_prompt": "no prompt", "fedbpt_iid": "FedBPT, IID", "fedavg_bbt": "FedAvg-BBT",
+                 "fedbpt_no_perturb": "FedBPT, no perturbed copy"}  # fmt: skip
+
+
+def seed_cell(row: dict) -> str:
+    """One method's per-seed figures (%): best-dev / final, then (best-dev round, final round; the rounds
+    after which the guard restored the search; the test accuracy of the search's next mean) for FedBPT,
+    (best-dev round) for FedAvg-BBT; "on each" where every seed has the same pair (z = 0 on one test set)."""
+    pairs = [f"{100 * e['best']:.2f} / {100 * e['final']:.2f}" for e in row["seeds"]]
+    if len(pairs) > 1 and len(set(pairs)) == 1 and "best_round" not in row["seeds"][0]:
+        return f"{pairs[0]} on each"
+    cells = []
+    for pair, e in zip(pairs, row["seeds"]):
+        if e.get("final_round") is not None:
+            restored = ", ".join(map(str, e["restored"])) or "none"
+            pair += f" ({e['best_round']}, {e['final_round']}; {restored}; {100 * e['next_mean_test']:.2f})"
+        elif "best_round" in e:
+            pair += f" ({e['best_round']})"
+        cells.append(pair)
+    return "; ".join(cells)
+
+
+def results_table(result: dict) -> str:
+    """The markdown table of docs/results.md (test accuracy, %): every task and method of the JSON, in
+    the paper's order, the grid's methods first; a grid method without a run says so."""
+    per_seed = "per seed: best-dev / final (rounds; restored after; next mean)"
+    lines = [f"| task | method | seeds | best-dev | final | {per_seed} |", "| --- | --- | --- | --- | --- | --- |"]
+    for task in (t for t in PAPER_ORDER if t in result):
+        for name in [*RUN_METHODS, *(m for m in EXTRA_METHODS if m in result[task])]:
+            row, label = result[task].get(name), f"| {TASK_LABELS[task]} | {METHOD_LABELS[name]} |"
+            if row is None:
+                lines.append(f"{label} — | not run | | |")
+                continue
+            seeds = ", ".join(str(e["seed"]) for e in row["seeds"])
+            best = f"{100 * row['mean']:.2f}" + (f" ± {100 * row['std']:.2f}" if row["n"] > 1 else "")
+            lines.append(f"{label} {seeds} | {best} | {100 * row['final']:.2f} | {seed_cell(row)} |")
+    return "\n".join(lines)
+
+
 def derived_final(run: dict) -> int:
     """The round whose prompt FINAL_RULE ends a run with, read from the run's rows (for runs made before the
     rule, whose final was the search's next mean): the lowest pooled dev loss, first of equals, over the
@@ -356,6 +396,8 @@ def main() -> None:
     seeds = range(args.first_seed, args.seeds + 1)
     missing = [f"{task}_{name}_seed{seed}" for seed in seeds for task in tasks for name in methods]
     args.resume |= args.cached_only
+    if args.cached_only:  # the ablations on record go into the JSON and figure too, never counted as missing
+        methods += [m for m in EXTRA_METHODS if m not in methods and any(args.runs_dir.glob(f"*_{m}_seed*.json"))]
     with tempfile.TemporaryDirectory(prefix="fedbpt-paper-tasks-") as tmp:
         data = TaskData(Path(tmp), args.k_shot, args.test_limit)
         benches = {task: TaskBench(args, task, data) for task in tasks}
@@ -366,7 +408,8 @@ def main() -> None:
                     if args.cached_only and not (args.runs_dir / f"{task}_{name}_seed{seed}.json").exists():
                         continue
                     runs[task][name][seed] = run_one(args, benches[task], name, seed, setting)
-                    missing.remove(f"{task}_{name}_seed{seed}")
+                    if f"{task}_{name}_seed{seed}" in missing:
+                        missing.remove(f"{task}_{name}_seed{seed}")
                     write(args, runs, setting, data, t0, missing)
         write(args, runs, setting, data, t0, missing)
     report(args, json.loads(args.out.read_text()))
@@ -404,18 +447,19 @@ def write(args, runs: dict, setting: dict, data: TaskData, t0: float, missing: l
 def report(args, result: dict) -> None:
     """The table (percent) and the issue's goals, as measured."""
     summary = {task: result[task] for task in TASKS if task in result}
-    print(f"\n{'task':<8} {'method':<12} {'best-dev test':>22} {'final test':>11} {'vs no prompt':>13}")
+    print(f"\n{'task':<8} {'method':<17} {'best-dev test':>22} {'final test':>11} {'vs no prompt':>13}")
     for task, methods in summary.items():
         base = methods.get("no_prompt", {}).get("mean")
         for name, row in methods.items():
             gain = f"{100 * (row['mean'] - base):+.2f} pt" if base is not None else ""
-            print(f"{task:<8} {name:<12} {100 * row['mean']:6.2f} ± {100 * row['std']:5.2f} (n={row['n']}) "
+            print(f"{task:<8} {name:<17} {100 * row['mean']:6.2f} ± {100 * row['std']:5.2f} (n={row['n']}) "
                   f"{100 * row['final']:10.2f} {gain:>13}")  # fmt: skip
     for task, g in result["goals"].items():
         vs_fedavg = f"{g['fedbpt_minus_fedavg']:+.2f} pt" if "fedbpt_minus_fedavg" in g else "not run"
         print(f"{task} (seeds {g['seeds']}): FedBPT >= no prompt every seed: {g['fedbpt_ge_no_prompt_every_seed']}; "
               f"final within 1 pt: {g['final_within_1pt_every_seed']}; gain {g['gain_over_no_prompt']:+.2f} pt "
               f"(goal {g['gain_goal']:+.1f}); vs FedAvg-BBT {vs_fedavg}")  # fmt: skip
+    print(f"\n{results_table(result)}\n")
     if result["missing_runs"]:
         print(f"not run yet ({len(result['missing_runs'])}): {', '.join(result['missing_runs'])}")
     print(f"wrote {args.out} and {args.fig}")
