@@ -301,6 +301,24 @@ def results_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def local_search_table(result: dict) -> str:
+    """FedBPT's two local searches side by side, on the seeds both have run: each seed's lowest pooled dev
+    loss (what a default is chosen on) and the mean best-dev test accuracy (%)."""
+    lines = ["| task (seeds) | lowest dev loss, perturbed copy (FedBPT) | lowest dev loss, no perturbed copy | "
+             "best-dev test: perturbed / not |", "| --- | --- | --- | --- |"]  # fmt: skip
+    for task in (t for t in PAPER_ORDER if "fedbpt_no_perturb" in result.get(t, {})):
+        by_method = [{e["seed"]: e for e in result[task][m]["seeds"]} for m in ("fedbpt_iid", "fedbpt_no_perturb")]
+        seeds = sorted(set(by_method[0]) & set(by_method[1]))
+        cells = []
+        for runs in by_method:
+            lowest = [min(runs[s]["dev_loss"]) for s in seeds]
+            cells.append(", ".join(f"{x:.4f}" for x in lowest) + f" (mean {np.mean(lowest):.4f})")
+        tests = [100 * np.mean([runs[s]["best"] for s in seeds]) for runs in by_method]
+        lines.append(f"| {TASK_LABELS[task]} ({', '.join(map(str, seeds))}) | {cells[0]} | {cells[1]} | "
+                     f"{tests[0]:.2f} / {tests[1]:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def derived_final(run: dict) -> int:
     """The round whose prompt FINAL_RULE ends a run with, read from the run's rows (for runs made before the
     rule, whose final was the search's next mean): the lowest pooled dev loss, first of equals, over the
@@ -459,7 +477,7 @@ def report(args, result: dict) -> None:
         print(f"{task} (seeds {g['seeds']}): FedBPT >= no prompt every seed: {g['fedbpt_ge_no_prompt_every_seed']}; "
               f"final within 1 pt: {g['final_within_1pt_every_seed']}; gain {g['gain_over_no_prompt']:+.2f} pt "
               f"(goal {g['gain_goal']:+.1f}); vs FedAvg-BBT {vs_fedavg}")  # fmt: skip
-    print(f"\n{results_table(result)}\n")
+    print(f"\n{results_table(result)}\n\n{local_search_table(result)}\n")
     if result["missing_runs"]:
         print(f"not run yet ({len(result['missing_runs'])}): {', '.join(result['missing_runs'])}")
     print(f"wrote {args.out} and {args.fig}")
