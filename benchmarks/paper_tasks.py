@@ -75,7 +75,8 @@ RUN_METHODS = {
     "fedavg_bbt": lambda b, s: b.fedavg_bbt(s, curve=True),
 }
 # outside the grid, on request (--methods): FedBPT's server with FedAvg-BBT's local search (no perturbed copy,
-# twice the generations: the same training forwards), to tell which half of FedAvg-BBT's lead a task shows
+# twice the generations: the same training forwards), to tell which half of FedAvg-BBT's lead a task shows.
+# Measured: it lowers AG News's dev loss and raises Yelp's (docs/results.md), so it is not FedBPT's default
 EXTRA_METHODS = {
     "fedbpt_no_perturb": lambda b, s: b.fedbpt(s, curve=True, perturb=0, local_iter=2 * b.setting["local_iter"]),
 }
@@ -85,7 +86,7 @@ GAIN_GOAL = {"sst2": 2.5, "yelpp": 1.0, "agnews": 1.0}  # points of FedBPT IID o
 # search's unmeasured next mean as the final prompt, are in runs_paper_tasks/before_final/)
 FINAL_RULE = "guarded"
 FINAL_GAP_GOAL = 1.0  # points between best-dev and final test accuracy, every seed
-FEDAVG_GAP_GOAL = 0.5  # points between FedBPT IID and FedAvg-BBT
+FEDAVG_GAP_GOAL = 0.5  # points FedBPT IID may be below FedAvg-BBT
 
 
 def write_jsonl(path: Path, rows: list[tuple[str, int]]) -> None:
@@ -221,9 +222,9 @@ def goals(summary: dict) -> dict:
         fedavg = by_seed.get("fedavg_bbt", {})
         if both := sorted(set(ours) & set(fedavg)):
             gap = 100 * float(np.mean([ours[s]["best"] - fedavg[s]["best"] for s in both]))
-            out[task].update(
-                fedavg_seeds=both, fedbpt_minus_fedavg=gap, within_half_pt_of_fedavg=abs(gap) <= FEDAVG_GAP_GOAL
-            )
+            # "within 0.5 points of FedAvg-BBT": no more than that below it (above it meets the goal too)
+            close = gap >= -FEDAVG_GAP_GOAL
+            out[task].update(fedavg_seeds=both, fedbpt_minus_fedavg=gap, within_half_pt_of_fedavg=close)
     return out
 
 
