@@ -237,7 +237,6 @@ def plot(summary: dict, rounds: int, out: Path) -> None:
     tasks = [t for t in PAPER_ORDER if t in summary]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
     colors = {"fedbpt_iid": "C0", "fedavg_bbt": "C1", "fedbpt_no_perturb": "C2"}
-    labels = {"fedbpt_iid": "FedBPT, IID", "fedavg_bbt": "FedAvg-BBT", "fedbpt_no_perturb": "FedBPT, no perturbation"}
     for ax, task in zip(axes[0], tasks):
         for name, color in colors.items():
             seeds = summary[task].get(name, {}).get("seeds", [])
@@ -247,7 +246,8 @@ def plot(summary: dict, rounds: int, out: Path) -> None:
                 ax.plot(e["best_round"], e["test_acc"][e["best_round"]], marker="*", ms=10, color=color, ls="none")
             if seeds:
                 mean = np.mean([[*e["test_acc"], e["final"]] for e in seeds], axis=0)
-                ax.plot(np.arange(len(mean)), mean, color=color, lw=2, label=f"{labels[name]} (mean of {len(seeds)})")
+                label = f"{METHOD_LABELS[name]} (mean of {len(seeds)})"
+                ax.plot(np.arange(len(mean)), mean, color=color, lw=2, label=label)
         if "no_prompt" in summary[task]:
             ax.axhline(summary[task]["no_prompt"]["mean"], color="gray", ls="--", label="no prompt")
         ax.plot([], [], marker="*", color="k", ls="none", label="best-dev round (per seed)")
