@@ -464,21 +464,13 @@ def write(args, runs: dict, setting: dict, data: TaskData, t0: float, missing: l
 
 
 def report(args, result: dict) -> None:
-    """The table (percent) and the issue's goals, as measured."""
-    summary = {task: result[task] for task in TASKS if task in result}
-    print(f"\n{'task':<8} {'method':<17} {'best-dev test':>22} {'final test':>11} {'vs no prompt':>13}")
-    for task, methods in summary.items():
-        base = methods.get("no_prompt", {}).get("mean")
-        for name, row in methods.items():
-            gain = f"{100 * (row['mean'] - base):+.2f} pt" if base is not None else ""
-            print(f"{task:<8} {name:<17} {100 * row['mean']:6.2f} ± {100 * row['std']:5.2f} (n={row['n']}) "
-                  f"{100 * row['final']:10.2f} {gain:>13}")  # fmt: skip
+    """The tables of docs/results.md (percent) and the issue's goals, as measured."""
+    print(f"\n{results_table(result)}\n\n{local_search_table(result)}\n")
     for task, g in result["goals"].items():
         vs_fedavg = f"{g['fedbpt_minus_fedavg']:+.2f} pt" if "fedbpt_minus_fedavg" in g else "not run"
         print(f"{task} (seeds {g['seeds']}): FedBPT >= no prompt every seed: {g['fedbpt_ge_no_prompt_every_seed']}; "
               f"final within 1 pt: {g['final_within_1pt_every_seed']}; gain {g['gain_over_no_prompt']:+.2f} pt "
               f"(goal {g['gain_goal']:+.1f}); vs FedAvg-BBT {vs_fedavg}")  # fmt: skip
-    print(f"\n{results_table(result)}\n\n{local_search_table(result)}\n")
     if result["missing_runs"]:
         print(f"not run yet ({len(result['missing_runs'])}): {', '.join(result['missing_runs'])}")
     print(f"wrote {args.out} and {args.fig}")
