@@ -449,15 +449,11 @@ def main() -> None:
 
     t0 = time.perf_counter()
     seeds = range(args.first_seed, args.seeds + 1)
-    # SmolLM2 runs only its own methods and seeds; the ablations run on the paper's tasks
-    wanted = [
-        (seed, task, name)
-        for seed in seeds
-        for task in tasks
-        for name in methods
-        if task != SMOL or in_grid(task, name, seed)
-    ]
-    missing = [f"{task}_{name}_seed{seed}" for seed, task, name in wanted]
+
+    def wanted(methods: list[str]) -> list[tuple[int, str, str]]:  # SmolLM2 runs only its own methods and seeds
+        return [(s, t, m) for s in seeds for t in tasks for m in methods if t != SMOL or in_grid(t, m, s)]
+
+    missing = [f"{task}_{name}_seed{seed}" for seed, task, name in wanted(methods)]
     args.resume |= args.cached_only
     if args.cached_only:  # the ablations on record go into the JSON and figure too, never counted as missing
         methods += [m for m in EXTRA_METHODS if m not in methods and any(args.runs_dir.glob(f"*_{m}_seed*.json"))]
@@ -465,12 +461,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedbpt-paper-tasks-") as tmp:
         data = TaskData(Path(tmp), args.k_shot, args.test_limit)
         benches = {task: TaskBench(args, task, data) for task in tasks}
-        for seed, task, name in wanted:
+        for seed, task, name in wanted(methods):
             data.folder(task, seed)  # its test size, also when every run comes from the cache
             if args.cached_only and not (args.runs_dir / f"{task}_{name}_seed{seed}.json").exists():
                 continue
             runs[task][name][seed] = run_one(args, benches[task], name, seed)
-            missing.remove(f"{task}_{name}_seed{seed}")
+            if f"{task}_{name}_seed{seed}" in missing:
+                missing.remove(f"{task}_{name}_seed{seed}")
             write(args, runs, data, t0, missing)
         write(args, runs, data, t0, missing)
     report(args, json.loads(args.out.read_text()))
