@@ -50,15 +50,18 @@ def test_every_link_between_the_pages_resolves():
 
 
 def test_the_paper_tasks_tables_are_the_benchmark_json():
-    """docs/results.md's tables of the paper's three tasks are those paper_tasks.py renders from its JSON, and
-    the page counts the grid runs that the JSON holds."""
+    """docs/results.md's tables of the paper's three tasks and SmolLM2 are those paper_tasks.py renders from its
+    JSON, and the page counts the grid runs that the JSON holds."""
     spec = importlib.util.spec_from_file_location("paper_tasks", REPO / "benchmarks" / "paper_tasks.py")
     paper_tasks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(paper_tasks)
     result = json.loads((REPO / "benchmarks" / "results" / "paper_tasks.json").read_text())
     page = (REPO / "docs" / "results.md").read_text()
-    for table in (paper_tasks.results_table(result), paper_tasks.local_search_table(result)):
-        assert table.count("\n") >= 4 and table in page, "rerun paper_tasks.py --cached_only and paste its tables"
+    tables = {paper_tasks.results_table: 3, paper_tasks.local_search_table: 3, paper_tasks.prompt_scale_table: 1}
+    for render, rows in tables.items():  # each with at least that many rows of figures
+        table = render(result)
+        assert table.count("\n") >= rows + 1, f"{render.__name__}: fewer than {rows} rows of figures in the JSON"
+        assert table in page, f"rerun paper_tasks.py --cached_only and paste its {render.__name__}"
     grid = len(paper_tasks.grid_runs())
     done = grid - len(result["missing_runs"])
     assert re.search(rf"\b{done} of the {grid} runs\b", page), f"docs/results.md should say {done} of the {grid} runs"
