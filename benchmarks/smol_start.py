@@ -11,14 +11,16 @@ last position of "<text> It was" with " bad" / " great", as ``benchmarks/accurac
 
 For each: accuracy, how often it answers " great", and the best accuracy any threshold on the score
 difference reaches, the threshold picked on the test set itself. That last one is an oracle, no method:
-it bounds what re-calibrating the two label scores alone can give. Prints a table and writes
-``benchmarks/results/smol_start.json``.
+it bounds what re-calibrating the two label scores alone can give. Also how far a first-round prompt
+(z ~ N(0, I), sigma 1) moves the placeholder rows at BBT's scale, as a share of their norm where it enters
+(``first_round_move``). Prints a table and writes ``benchmarks/results/smol_start.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +63,19 @@ def main() -> None:
                  text=test.text[:, n:], answer=test.answer - n, labels=test.labels)  # fmt: skip
     result = {"bare": measure(bb, bare, 0), "placeholders_z0": measure(bb, test, n),
               "placeholder_tokens": bb.tokenizer.convert_ids_to_tokens(bb.placeholder_ids)}  # fmt: skip
+    bb.use_dim(SMOL_SETTING["intrinsic_dim"])  # a row of A z has expected norm scale * sqrt(d * H) at sigma 1
+    norm, dim = bb.placeholder_norm(), SMOL_SETTING["intrinsic_dim"]
+    result["first_round_move"] = {"placeholder_norm": norm, "bbt_scale": bb.scale, "hidden": bb.hidden, "dim": dim,
+                                  "share_of_norm": bb.scale * math.sqrt(dim * bb.hidden) / norm}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"\n{'start':<16} {'accuracy':>9} {'says great':>11} {'oracle threshold':>17}")
     for name in ("bare", "placeholders_z0"):
         r = result[name]
         print(f"{name:<16} {r['acc']:>9.4f} {r['great_rate']:>11.4f} {r['oracle_threshold_acc']:>17.4f}")
+    move = result["first_round_move"]
+    print(f"a first-round prompt at BBT's scale moves the placeholder rows by {100 * move['share_of_norm']:.1f}% "
+          f"of their norm ({move['placeholder_norm']:.4g})")  # fmt: skip
     print(f"placeholder tokens: {result['placeholder_tokens']}\nwrote {args.out}")
 
 
