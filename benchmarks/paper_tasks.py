@@ -95,6 +95,10 @@ EXTRA_METHODS = {
     # the place that --prompt_at auto does not take for sentence encoders: the embeddings block's output (BBT's
     # and the paper's place), where BBT's scale moves MiniLM's placeholders by 11.2% (the input embeddings: 101%)
     "fedbpt_embeddings": lambda b, s: b.variant(prompt_at="embeddings").fedbpt(s, curve=b.curve),
+    # idea (a) across places: the embeddings block at the strength BBT's scale has at the input embeddings (rho 1)
+    "fedbpt_embeddings_rho1": lambda b, s: b.variant(prompt_at="embeddings", prompt_scale="relative", rho=1.0).fedbpt(
+        s, curve=b.curve
+    ),
 }
 # SmolLM2, fixed before its first run: the grid's setting, but 50 examples per class in each pool (the issue
 # asks for a dev pool of at least 50 a class), no prompt and FedBPT IID, seeds 1 and 2. The test set is the
@@ -323,7 +327,8 @@ def plot(summary: dict, rounds: int, out: Path) -> None:
 METHOD_LABELS = {"no_prompt": "no prompt", "fedbpt_iid": "FedBPT, IID", "fedavg_bbt": "FedAvg-BBT",
                  "fedbpt_no_perturb": "FedBPT, no perturbed copy",
                  "fedbpt_relative": "FedBPT, relative prompt scale",
-                 "fedbpt_embeddings": "FedBPT, prompt at the embeddings block"}  # fmt: skip
+                 "fedbpt_embeddings": "FedBPT, prompt at the embeddings block",
+                 "fedbpt_embeddings_rho1": "FedBPT, embeddings block, relative scale (rho 1)"}  # fmt: skip
 
 
 def seed_cell(row: dict) -> str:
