@@ -230,6 +230,28 @@ def test_relative_prompt_scale_moves_the_placeholders_by_rho_at_either_place(min
     assert "prompt_scale" not in bbt.description()  # BBT's fingerprints are those of the runs before the flag
 
 
+def test_the_default_rho_carries_bbts_strength_at_the_input_embeddings_to_the_embeddings_block(minilm_dir, examples):
+    """--prompt_scale relative at its default --rho: at the real all-MiniLM-L6-v2's embeddings block a first-round
+    prompt moves the placeholders by about as much as BBT's scale does at the input embeddings (auto's place for
+    sentence encoders), where BBT's scale at the block moves them by a fifth of that or less."""
+    z = np.random.default_rng(1).normal(size=500)
+    batch_of = {}
+
+    def moved(**flags) -> float:
+        bb = make(minilm_dir, intrinsic_dim=500, n_prompt_tokens=10, **flags)
+        batch = batch_of.setdefault(bb.prompt_at, bb.encode(examples.subset([5])))
+        return moved_at_the_place(bb, batch, z)
+
+    input_bbt = moved(prompt_at="word_embeddings")
+    block_relative, block_bbt = moved(prompt_at="embeddings", prompt_scale="relative"), moved(prompt_at="embeddings")
+    print(
+        f"input embeddings, BBT's scale: {input_bbt:.1%}; embeddings block, relative at the default rho: "
+        f"{block_relative:.1%}; embeddings block, BBT's scale: {block_bbt:.1%}"
+    )
+    assert 0.8 < block_relative / input_bbt < 1.25
+    assert block_bbt < 0.2 * input_bbt
+
+
 def test_causal_models_take_the_prompt_at_the_input_embeddings(tiny_causal):
     assert make(tiny_causal).prompt_at == "word_embeddings"
     with pytest.raises(ValueError, match="--prompt_at embeddings: .* has no embeddings block; use --prompt_at word"):

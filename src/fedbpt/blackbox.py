@@ -73,7 +73,7 @@ class BlackBoxConfig:
     gguf_file: str | None = None
     prompt_at: str = "auto"  # one of PROMPT_PLACES
     prompt_scale: str = "bbt"  # one of PROMPT_SCALES
-    rho: float = 0.1  # prompt_scale relative: a first-round prompt's share of a placeholder row's norm
+    rho: float = 1.0  # prompt_scale relative: a first-round prompt's share of a placeholder row's norm
 
 
 def resolve_model_path(name: str) -> str:

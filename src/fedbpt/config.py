@@ -58,7 +58,7 @@ class ClientConfig:
     label_scale: float = 20.0
     prompt_at: str = "auto"
     prompt_scale: str = "bbt"
-    rho: float = 0.1
+    rho: float = 1.0
 
     @property
     def evaluators(self) -> list[str]:
