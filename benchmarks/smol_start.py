@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 
 from accuracy import RESULTS, SMOL_CENTRAL_POPSIZE, SMOL_SETTING, Bench, smollm
 from fedbpt.encoding import Batch
+from fedbpt.search import relative_scale
 
 
 def measure(bb, batch, width: int) -> dict:
@@ -63,10 +63,11 @@ def main() -> None:
                  text=test.text[:, n:], answer=test.answer - n, labels=test.labels)  # fmt: skip
     result = {"bare": measure(bb, bare, 0), "placeholders_z0": measure(bb, test, n),
               "placeholder_tokens": bb.tokenizer.convert_ids_to_tokens(bb.placeholder_ids)}  # fmt: skip
-    bb.use_dim(SMOL_SETTING["intrinsic_dim"])  # a row of A z has expected norm scale * sqrt(d * H) at sigma 1
+    bb.use_dim(SMOL_SETTING["intrinsic_dim"])
     norm, dim = bb.placeholder_norm(), SMOL_SETTING["intrinsic_dim"]
+    full = relative_scale(norm, dim, bb.hidden, bb.cfg.sigma, 1.0)  # the scale that moves a row by its norm
     result["first_round_move"] = {"placeholder_norm": norm, "bbt_scale": bb.scale, "hidden": bb.hidden, "dim": dim,
-                                  "share_of_norm": bb.scale * math.sqrt(dim * bb.hidden) / norm}  # fmt: skip
+                                  "share_of_norm": bb.scale / full}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"\n{'start':<16} {'accuracy':>9} {'says great':>11} {'oracle threshold':>17}")
